@@ -1,0 +1,50 @@
+# gRPC Mastery: every target sets up what it needs. See README.md.
+#   make tour [STEP=NN]     run every step's server and client demo (or one step)
+#   make test [STEP=NN]     every step's tests, each in its own process, then the repo tests
+#   make diff STEP=NN       what step NN adds to the step before it (generated code left out)
+#   make protos             regenerate the checked-in gRPC code of every step
+#   make lint               ruff over the whole repo
+#   make lock               re-resolve requirements.lock from pyproject.toml
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The stamp records that .venv holds exactly requirements.lock: the install reruns only
+# when the lock changes.
+STAMP  := $(VENV)/.installed-from-lock
+
+.PHONY: tour test diff protos lint lock stats venv
+
+venv: $(STAMP)
+
+$(STAMP): requirements.lock
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0])'
+	@# A changed lock gets a fresh venv, so a package dropped from the lock is gone too.
+	@rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
+	@echo "installing requirements.lock into $(VENV) (once per lock change) ..."
+	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock \
+		> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; echo "pip install failed"; exit 1; }
+	@touch $(STAMP)
+
+tour: $(STAMP)
+	@$(PY) tools/tour.py $(STEP)
+
+test: $(STAMP)
+	@$(PY) tools/run_tests.py $(STEP)
+
+diff: $(STAMP)
+	@test -n "$(STEP)" || { echo "usage: make diff STEP=NN"; exit 2; }
+	@$(PY) tools/ladder.py diff $(STEP)
+
+stats: $(STAMP)
+	@$(PY) tools/ladder.py stats
+
+protos: $(STAMP)
+	@$(PY) tools/codegen.py
+
+lint: $(STAMP)
+	@$(PY) -m ruff check .
+	@$(PY) -m ruff format --check .
+
+lock:
+	@$(PYTHON) tools/lock.py

@@ -1,0 +1,69 @@
+"""Greeter demo client.
+
+    python client.py hello --name Ada [--target 127.0.0.1:50051] [--timeout 5]
+
+Prints the reply. On an error it prints one line, `error: STATUS: message`, and exits 1.
+"""
+
+import argparse
+import asyncio
+import os
+import sys
+
+import grpc
+
+from greeter.v1 import greeter_pb2, greeter_pb2_grpc
+
+# Every call has a deadline: a client that waits forever for a stuck server is a bug.
+DEFAULT_TIMEOUT_SECONDS = 5.0
+
+
+async def hello(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
+    reply = await stub.SayHello(greeter_pb2.HelloRequest(name=args.name), timeout=args.timeout)
+    print(reply.message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    # Shared options live on each subcommand, so they can follow it: `hello --target ...`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=env("GREETER_TARGET", "127.0.0.1:50051"),
+        help="server address (GREETER_TARGET)",
+    )
+    common.add_argument(
+        "--timeout",
+        type=float,
+        default=env("GREETER_TIMEOUT", str(DEFAULT_TIMEOUT_SECONDS)),
+        help="deadline of the call in seconds (GREETER_TIMEOUT)",
+    )
+
+    parser = argparse.ArgumentParser(description="Greeter demo client")
+    commands = parser.add_subparsers(dest="command", required=True)
+    say_hello = commands.add_parser("hello", parents=[common], help="one SayHello call")
+    say_hello.add_argument("--name", required=True, help="who to greet")
+    say_hello.set_defaults(run=hello)
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> None:
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        await args.run(greeter_pb2_grpc.GreeterStub(channel), args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        asyncio.run(run(args))
+    except grpc.aio.AioRpcError as err:
+        details = " ".join((err.details() or "").split())  # always one line
+        print(f"error: {err.code().name}: {details}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

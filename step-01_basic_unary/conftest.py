@@ -1,0 +1,40 @@
+"""Fixtures of this step: an in-process server for fast RPC tests, and the real
+`python server.py` process for tests of the command line and of signals."""
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from greeter.v1 import greeter_pb2_grpc
+from server import Settings, build_server
+from tools.processes import ServerProcess
+
+STEP_DIR = Path(__file__).parent
+
+
+@pytest.fixture
+async def server_address():
+    """A real gRPC server (this step's wiring) on a free loopback port, in the test's loop."""
+    server, port = build_server(Settings(host="127.0.0.1", port=0))
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(None)
+
+
+@pytest.fixture
+async def channel(server_address):
+    async with grpc.aio.insecure_channel(server_address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel):
+    return greeter_pb2_grpc.GreeterStub(channel)
+
+
+@pytest.fixture
+def server_process():
+    """`python server.py --port 0` as a learner runs it."""
+    with ServerProcess(STEP_DIR) as process:
+        yield process

@@ -1,0 +1,165 @@
+"""Step 01: a unary RPC, its input validation, its limits and a graceful shutdown."""
+
+import asyncio
+import signal
+
+import grpc
+import pytest
+
+from conftest import STEP_DIR
+from greeter.v1 import greeter_pb2, greeter_pb2_grpc
+from server import MAX_MESSAGE_BYTES, Settings, build_server, stop_when
+from service import MAX_NAME_LENGTH, Greeter
+from tests.support.helpers import closed_port, eventually
+from tools.processes import run_script
+
+Request = greeter_pb2.HelloRequest
+
+
+async def rpc_error(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+# --- SayHello ---------------------------------------------------------------------------
+
+
+async def test_say_hello_greets_by_name(stub):
+    reply = await stub.SayHello(Request(name="Ada"), timeout=5)
+    assert reply.message == "Hello, Ada!"
+
+
+async def test_say_hello_accepts_unicode_up_to_the_length_limit(stub):
+    name = "é" * MAX_NAME_LENGTH  # characters, not bytes: 100 characters are 200 UTF-8 bytes
+    reply = await stub.SayHello(Request(name=name), timeout=5)
+    assert reply.message == f"Hello, {name}!"
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("", "name must not be empty"),
+        ("   ", "name must not be empty"),
+        ("x" * (MAX_NAME_LENGTH + 1), f"name must be at most {MAX_NAME_LENGTH} characters (got 101)"),
+        ("Ada\nINFO forged log line", "name must be printable text"),
+    ],
+    ids=["empty", "blank", "too-long", "control-characters"],
+)
+async def test_say_hello_rejects_invalid_names(stub, name, expected):
+    error = await rpc_error(stub.SayHello(Request(name=name), timeout=5))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in error.details()
+
+
+async def test_oversized_message_is_refused_before_it_is_read(stub):
+    error = await rpc_error(stub.SayHello(Request(name="x" * MAX_MESSAGE_BYTES), timeout=5))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in error.details()
+
+
+async def test_unknown_method_is_unimplemented(channel):
+    call = channel.unary_unary("/greeter.v1.Greeter/NoSuchMethod")(b"", timeout=5)
+    error = await rpc_error(call)
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# --- Graceful shutdown ------------------------------------------------------------------
+
+
+class GatedGreeter(Greeter):
+    """The real Greeter, but SayHello waits until the test opens the gate: an in-flight call
+    the test controls."""
+
+    def __init__(self):
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def SayHello(self, request, context):
+        self.entered.set()
+        await self.gate.wait()
+        return await super().SayHello(request, context)
+
+
+async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
+    greeter = GatedGreeter()
+    server, port = build_server(Settings(host="127.0.0.1", port=0), greeter)
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    stop = asyncio.Event()
+    shutdown = asyncio.create_task(stop_when(stop, server, grace=10))
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        in_flight = greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=10)
+        await asyncio.wait_for(greeter.entered.wait(), 5)
+        stop.set()
+
+        async def new_call_refused() -> bool:
+            async with grpc.aio.insecure_channel(address) as fresh:
+                try:
+                    await greeter_pb2_grpc.GreeterStub(fresh).SayHello(Request(name="Bob"), timeout=1)
+                except grpc.aio.AioRpcError as err:
+                    return err.code() == grpc.StatusCode.UNAVAILABLE
+            return False
+
+        await eventually(new_call_refused, message="new calls to be refused")
+        assert not in_flight.done(), "the in-flight call must not be cut off"
+
+        greeter.gate.set()
+        assert (await in_flight).message == "Hello, Ada!"
+    await asyncio.wait_for(shutdown, 5)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_server_process_stops_cleanly_on_signal(server_process, sig):
+    assert run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
+                      "--target", server_process.address).returncode == 0  # fmt: skip
+    assert server_process.stop(sig) == 0
+    assert "stopped" in server_process.output
+    assert "Traceback" not in server_process.output
+
+
+def test_server_refuses_a_port_in_use(server_process):
+    port = server_process.address.rsplit(":", 1)[1]
+    result = run_script(STEP_DIR, "server.py", "--port", port, timeout=20)
+    assert result.returncode == 1
+    assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_server_rejects_a_bad_port_setting():
+    result = run_script(STEP_DIR, "server.py", env={"GREETER_PORT": "http"})
+    assert result.returncode == 2
+    assert "--port: invalid port_number value: 'http'" in result.stderr
+
+
+# --- The command-line client ------------------------------------------------------------
+
+
+def test_client_prints_the_reply(server_process):
+    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
+                        "--target", server_process.address)  # fmt: skip
+    assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
+
+
+def test_client_reports_an_rpc_error_in_one_line(server_process):
+    result = run_script(STEP_DIR, "client.py", "hello", "--name", "",
+                        "--target", server_process.address)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
+
+
+def test_client_reports_a_server_that_is_down():
+    with closed_port() as address:
+        result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", address)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: UNAVAILABLE: ")
+    assert result.stderr.count("\n") == 1, "one line, no traceback"
+
+
+def test_client_uses_the_target_from_the_environment(server_process):
+    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
+                        env={"GREETER_TARGET": server_process.address})  # fmt: skip
+    assert result.stdout == "Hello, Ada!\n"
+

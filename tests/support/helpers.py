@@ -1,0 +1,51 @@
+"""Small helpers shared by every step's tests (imported from each step's conftest/tests)."""
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import pytest
+
+
+async def eventually(condition: Callable[[], bool | Awaitable[bool]], *, timeout: float = 5.0,
+                     interval: float = 0.01, message: str = "condition") -> None:  # fmt: skip
+    """Wait until `condition()` is true, polling; fail the test after `timeout` seconds.
+
+    This is how tests synchronise with another process or task: on a condition, never on a
+    fixed sleep.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[str]:
+    """An address on loopback where nothing listens: the port stays bound (so nobody else
+    takes it) but never accepts, so connecting is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def require_binary(name: str, install_hint: str) -> str:
+    """Path of system binary `name`. Without it the test skips, saying how to install it;
+    with CI=true a missing binary fails the test, since CI must run every test."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"needs `{name}`: {install_hint}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

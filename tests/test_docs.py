@@ -1,0 +1,55 @@
+"""The READMEs tell the truth: their commands work as written and print what they show."""
+
+import re
+
+from tests.support.readme import console_commands, section
+from tools.processes import ServerProcess, run_script
+from tools.steps import ROOT
+
+ROOT_README = ROOT / "README.md"
+ENV_READ = re.compile(r"""\b(?:env|os\.environ\.get|os\.getenv|environ\.get)\(\s*["']([A-Z][A-Z0-9_]+)["']""")
+STEP_SECTIONS = ["Goal", "What changed", "Run it", "How it works", "Try it yourself", "Next step"]
+
+
+def test_step_readme_has_every_section(step):
+    readme = step.path / "README.md"
+    assert readme.read_text().startswith(f"# Step {step.label} · ")
+    missing = [title for title in STEP_SECTIONS if not section(readme, title).strip()]
+    assert not missing, f"{step.name}/README.md lacks sections {missing}"
+
+
+def test_run_it_commands_print_what_the_readme_shows(step):
+    """Each `$ python client.py ...` of "Run it", run as written against `python server.py`
+    (both pointed at a free port through the environment), prints the output shown."""
+    commands = console_commands(step.path / "README.md")
+    clients = [c for c in commands if c.argv[:2] == ["python", "client.py"]]
+    assert clients, "the README shows no client command"
+    assert ["python", "server.py"] in [c.argv[:2] for c in commands]
+    with ServerProcess(step.path) as server:
+        for command in clients:
+            result = run_script(step.path, "client.py", *command.argv[2:],
+                                env={"GREETER_TARGET": server.address})  # fmt: skip
+            assert result.stdout + result.stderr == command.expected_output, command.argv
+
+
+def test_root_readme_lists_every_step_folder(steps):
+    text = ROOT_README.read_text()
+    for step in steps:
+        assert f"`{step.name}`" in text
+
+
+def test_root_readme_documents_every_environment_variable(steps):
+    table = section(ROOT_README, "Environment variables")
+    read = set()
+    for step in steps:
+        for path in step.path.glob("*.py"):
+            read |= set(ENV_READ.findall(path.read_text()))
+    assert read, "found no environment variables in the steps' code"
+    undocumented = sorted(name for name in read if f"`{name}`" not in table)
+    assert not undocumented
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test\n" in ci and "export CI=true" in ci
+    assert "make test" in section(ROOT_README, "The two commands")

@@ -1,0 +1,142 @@
+"""The repo tools fail when they should: the ladder tool on a conflict, the test runner on a
+failing or (in CI) skipped test, the tour on a failing demo. Each runs on a small scratch
+repository, never on this one."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from tools.steps import ROOT
+
+
+def tool(name: str, *args: str, cwd: Path = ROOT, env: dict | None = None):
+    import os
+
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / name), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)  # fmt: skip
+
+
+BASE = "def greet(name):\n    return 'Hello, ' + name\n\n\ndef main():\n    print(greet('Ada'))\n"
+
+
+def ladder_repo(tmp_path: Path) -> Path:
+    """Three steps: 02 and 03 each add a line at the end of step 01's service.py."""
+    write(tmp_path / "step-01_one/service.py", BASE)
+    write(tmp_path / "step-02_two/service.py", BASE + "# step 02\n")
+    write(tmp_path / "step-03_three/service.py", BASE + "# step 02\n# step 03\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", ".")
+    git(tmp_path, "commit", "-qm", "steps")
+    return tmp_path
+
+
+def test_propagate_carries_an_uncommitted_fix_into_every_later_step(tmp_path):
+    repo = ladder_repo(tmp_path)
+    fixed = BASE.replace("'Hello, ' + name", "f'Hello, {name}!'")
+    (repo / "step-01_one/service.py").write_text(fixed)
+    write(repo / "step-01_one/limits.py", "MAX = 100\n")
+    result = tool("ladder.py", "--root", str(repo), "propagate", "01")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (repo / "step-02_two/service.py").read_text() == fixed + "# step 02\n"
+    assert (repo / "step-03_three/service.py").read_text() == fixed + "# step 02\n# step 03\n"
+    assert (repo / "step-03_three/limits.py").read_text() == "MAX = 100\n"
+
+
+def test_propagate_carries_the_last_commit_when_nothing_is_uncommitted(tmp_path):
+    repo = ladder_repo(tmp_path)
+    fixed = BASE.replace("'Hello, ' + name", "'Greetings, ' + name")
+    (repo / "step-01_one/service.py").write_text(fixed)
+    git(repo, "commit", "-qam", "fix")
+    result = tool("ladder.py", "--root", str(repo), "propagate", "01")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the last commit" in result.stdout
+    assert (repo / "step-03_three/service.py").read_text() == fixed + "# step 02\n# step 03\n"
+
+
+def test_propagate_stops_at_the_first_conflict(tmp_path):
+    repo = ladder_repo(tmp_path)
+    step3 = repo / "step-03_three/service.py"
+    step3.write_text(step3.read_text().replace("'Hello, ' + name", "'Hi, ' + name"))
+    git(repo, "commit", "-qam", "step 03 says hi")
+    (repo / "step-01_one/service.py").write_text(BASE.replace("'Hello, ' + name", "'Hey, ' + name"))
+    before = step3.read_text()
+    result = tool("ladder.py", "--root", str(repo), "propagate", "01")
+    assert result.returncode == 1
+    assert "CONFLICT in step-03_three/service.py" in result.stdout
+    assert "propagate 03" in result.stdout
+    assert "'Hey, ' + name" in (repo / "step-02_two/service.py").read_text()
+    assert step3.read_text() == before, "the conflicting step is left untouched"
+
+
+def test_propagate_with_nothing_to_carry_fails(tmp_path):
+    repo = ladder_repo(tmp_path)
+    write(repo / "step-03_three/extra.py", "EXTRA = 1\n")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "only step 03")
+    result = tool("ladder.py", "--root", str(repo), "propagate", "01")
+    assert result.returncode == 1
+    assert "nothing to carry" in result.stdout
+
+
+def test_diff_and_stats_leave_generated_code_out(tmp_path):
+    repo = ladder_repo(tmp_path)
+    write(repo / "step-02_two/greeter/v1/greeter_pb2.py", "generated = True\n")
+    diff = tool("ladder.py", "--root", str(repo), "diff", "02")
+    assert diff.returncode == 0
+    assert "+# step 02" in diff.stdout and "greeter_pb2" not in diff.stdout
+    stats = tool("ladder.py", "--root", str(repo), "stats")
+    assert "01→02" in stats.stdout and "0/1/0" in stats.stdout
+
+
+def scratch_step(root: Path, test_body: str) -> None:
+    write(root / "step-01_scratch/test_scratch.py", test_body)
+
+
+def test_test_runner_fails_on_a_failing_test(tmp_path):
+    scratch_step(tmp_path, "def test_ok():\n    pass\n\n\ndef test_broken():\n    assert 1 == 2\n")
+    result = tool("run_tests.py", "--root", str(tmp_path), env={"CI": ""})
+    assert result.returncode == 1
+    assert "1 passed, 1 failed, 0 skipped" in result.stdout
+
+
+def test_test_runner_counts_a_skip_as_a_failure_in_ci(tmp_path):
+    scratch_step(tmp_path, "import pytest\n\n\ndef test_needs_binary():\n    pytest.skip('no binary')\n")
+    assert tool("run_tests.py", "--root", str(tmp_path), env={"CI": ""}).returncode == 0
+    result = tool("run_tests.py", "--root", str(tmp_path), env={"CI": "true"})
+    assert result.returncode == 1
+    assert "skipped (CI=true" in result.stdout
+
+
+def test_test_runner_fails_when_no_test_runs(tmp_path):
+    scratch_step(tmp_path, "# no tests here\n")
+    result = tool("run_tests.py", "--root", str(tmp_path), env={"CI": ""})
+    assert result.returncode == 1
+    assert "no tests ran" in result.stdout
+
+
+def test_tour_fails_when_a_demo_fails(tmp_path):
+    """A step 01 whose server serves but whose client exits 1: the tour must say so."""
+    write(tmp_path / "step-01_broken/server.py", """\
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print("listening on 127.0.0.1:1", flush=True)
+        signal.pause()
+    """)
+    write(tmp_path / "step-01_broken/client.py", "import sys\nsys.exit('error: UNAVAILABLE: broken')\n")
+    result = tool("tour.py", "--root", str(tmp_path))
+    assert result.returncode == 1
+    assert "✗ expected success, got exit code 1" in result.stdout
+    assert "tour FAILED at step(s) 01" in result.stdout

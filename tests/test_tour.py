@@ -1,0 +1,24 @@
+"""The tour runs every step and prints the line that shows its feature working, the way
+grpc-go's examples_test.sh greps the output of each example."""
+
+import subprocess
+import sys
+
+from tools.steps import ROOT
+
+KEY_LINES = {
+    1: "Hello, Ada!",
+}
+
+
+def test_tour_runs_the_step_and_shows_its_key_line(step):
+    assert step.number in KEY_LINES, f"add the key line of {step.name} to KEY_LINES"
+    result = subprocess.run(
+        [sys.executable, "tools/tour.py", step.label],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"✓ step {step.label}" in result.stdout
+    assert KEY_LINES[step.number] in result.stdout.splitlines() or any(
+        line.strip() == KEY_LINES[step.number] for line in result.stdout.splitlines()
+    ), result.stdout

@@ -1,0 +1,104 @@
+"""Start a step's server as a real process and find its address; run a step's scripts.
+
+Shared by the tour (tools/tour.py) and the steps' tests, so both drive servers the same way
+a learner does: `python server.py --port 0`, then read the `listening on HOST:PORT` line.
+"""
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+READY_LINE = re.compile(r"^listening on (\S+)$")
+
+
+class ServerProcess:
+    """A running `python <script> --port 0 ...` in a step folder.
+
+    Use as a context manager; `address` is what the server printed. Output is collected
+    (stdout and stderr interleaved) and available as `output` once stopped.
+    """
+
+    def __init__(self, step_dir: Path, *args: str, script: str = "server.py",
+                 env: dict[str, str] | None = None, ready_timeout: float = 20.0):  # fmt: skip
+        self.command = [sys.executable, script, "--port", "0", *args]
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=step_dir,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._output: list[str] = []
+        # A thread keeps the pipe drained, so a chatty server never blocks on a full pipe.
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.address = self._wait_until_ready(ready_timeout)
+        self.returncode: int | None = None
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._output.append(line)
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def _wait_until_ready(self, timeout: float) -> str:
+        try:
+            while True:
+                line = self._lines.get(timeout=timeout)
+                if line is None:
+                    break
+                if match := READY_LINE.match(line):
+                    return match.group(1)
+        except queue.Empty:
+            self.process.kill()
+            raise RuntimeError(f"{' '.join(self.command)}: not ready after {timeout}s") from None
+        self.process.wait()
+        raise RuntimeError(
+            f"{' '.join(self.command)} exited with {self.process.returncode} before serving:\n"
+            + self.output
+        )
+
+    @property
+    def output(self) -> str:
+        return "".join(self._output)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send `sig`, wait for the exit and return the exit code (killing it after timeout)."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            self.returncode = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise RuntimeError(f"{' '.join(self.command)} ignored {sig!r} for {timeout}s") from None
+        return self.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run_script(step_dir: Path, script: str, *args: str, input: str | None = None,
+               timeout: float = 30.0, env: dict[str, str] | None = None,
+               ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run `python <script> args...` in a step folder and capture its output."""
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=step_dir,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,108 @@
+"""Run every step's tests, each step in its own pytest process, then the repo-level tests.
+
+    python tools/run_tests.py [NN]      (make test [STEP=NN])
+
+Steps share module names (server, service, greeter.v1...), so one process cannot import two
+steps: each gets its own, and up to one per CPU core run at once. The repo-level tests
+(tests/) run last, since some of them run the steps' code too. Prints each run's output, then
+a summary table; exits 1 if anything failed. With CI=true a skipped test counts as a failure:
+CI must have every real component the tests use.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.steps import ROOT, select_steps  # noqa: E402
+
+
+@dataclass
+class Run:
+    name: str
+    directory: Path
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    output: str = ""
+    problem: str = ""  # why the run counts as failed beyond failed tests
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and not self.problem
+
+
+def run_pytest(run: Run, ci: bool) -> Run:
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", f"--junitxml={report}", "-o", "junit_family=xunit1"],
+            cwd=run.directory,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        run.seconds = time.monotonic() - started
+        run.output = result.stdout + result.stderr
+        if report.exists():
+            suite = ET.parse(report).getroot()
+            suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+            total = int(suite.get("tests", 0))
+            run.failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+            run.skipped = int(suite.get("skipped", 0))
+            run.passed = total - run.failed - run.skipped
+    if result.returncode == 5 or run.passed + run.failed + run.skipped == 0:
+        run.problem = "no tests ran"
+    elif result.returncode != 0 and run.failed == 0:
+        run.problem = f"pytest exited with {result.returncode}"
+    elif ci and run.skipped:
+        run.problem = f"{run.skipped} skipped (CI=true: every test must run)"
+    return run
+
+
+def print_summary(runs: list[Run], seconds: float) -> None:
+    width = max(len(r.name) for r in runs)
+    print(f"\n{'run':<{width}}  {'passed':>6}  {'failed':>6}  {'skipped':>7}  {'seconds':>7}")
+    for r in runs:
+        mark = "" if r.ok else f"  ✗ {r.problem or 'FAILED'}"
+        print(f"{r.name:<{width}}  {r.passed:>6}  {r.failed:>6}  {r.skipped:>7}  {r.seconds:>7.1f}{mark}")
+    passed = sum(r.passed for r in runs)
+    failed = sum(r.failed for r in runs)
+    skipped = sum(r.skipped for r in runs)
+    print(f"{'total':<{width}}  {passed:>6}  {failed:>6}  {skipped:>7}  {seconds:>7.1f}")
+    # The plain closing line CI systems look for.
+    print(f"\n{passed} passed, {failed} failed, {skipped} skipped")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="Run every step's tests, then the repo tests.")
+    parser.add_argument("steps", nargs="*", metavar="NN")
+    parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    ci = os.environ.get("CI") == "true"
+    started = time.monotonic()
+    steps = select_steps(args.steps, args.root)
+    runs = [Run(step.name, step.path) for step in steps]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(lambda r: run_pytest(r, ci), runs))
+    repo_tests = args.root / "tests"
+    if not args.steps and repo_tests.is_dir():  # the repo-level tests belong to a full run only
+        runs.append(run_pytest(Run("tests (repo)", repo_tests), ci))
+    for r in runs:
+        print(f"\n===== {r.name} {'ok' if r.ok else 'FAILED'} ({r.seconds:.1f}s) =====")
+        print(r.output.rstrip())
+    print_summary(runs, time.monotonic() - started)
+    return 0 if all(r.ok for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,115 @@
+"""The tour: run every step's server and client demo in order and show what each adds.
+
+    python tools/tour.py [NN]      (make tour [STEP=NN])
+
+For each step: a banner with its title and what it adds, its server(s) started with
+`--port 0`, each client demo run against them with its output shown, the servers stopped
+(SIGTERM, exit code 0 expected) and their logs shown. Exit code 1 if any demo or server
+misbehaves.
+"""
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.processes import ServerProcess, run_script  # noqa: E402
+from tools.steps import ROOT, Step, select_steps  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Demo:
+    args: tuple[str, ...]  # client.py arguments; "{target}" is replaced by the server address
+    fails: bool = False  # a demo of an error: it must exit non-zero
+
+
+@dataclass(frozen=True)
+class TourEntry:
+    title: str
+    adds: str
+    demos: tuple[Demo, ...]
+    servers: tuple[tuple[str, ...], ...] = field(default=((),))  # extra server.py args each
+
+
+def demo(*args: str, fails: bool = False) -> Demo:
+    return Demo(args=(*args, "--target", "{target}"), fails=fails)
+
+
+TOUR: dict[int, TourEntry] = {
+    1: TourEntry(
+        title="Basic unary RPC",
+        adds="one request, one reply: SayHello, with input validation and graceful shutdown",
+        demos=(demo("hello", "--name", "Ada"), demo("hello", "--name", "", fails=True)),
+    ),
+}
+
+BAR = "━" * 72
+
+
+def indent(text: str) -> str:
+    return "".join(f"    {line}\n" for line in text.splitlines())
+
+
+def run_entry(step: Step, entry: TourEntry) -> bool:
+    print(f"\n{BAR}\nStep {step.label} · {entry.title}\n  adds: {entry.adds}\n{BAR}", flush=True)
+    ok = True
+    servers: list[ServerProcess] = []
+    try:
+        for extra in entry.servers:
+            server = ServerProcess(step.path, *extra)
+            servers.append(server)
+            print(f"$ python server.py --port 0 {shlex.join(extra)}".rstrip())
+            print(f"    listening on {server.address}", flush=True)
+        target = servers[0].address if servers else ""
+        for d in entry.demos:
+            args = [a.replace("{target}", target) for a in d.args]
+            print(f"$ python client.py {shlex.join(args)}", flush=True)
+            result = run_script(step.path, "client.py", *args, timeout=60)
+            print(indent(result.stdout + result.stderr), end="")
+            if (result.returncode != 0) != d.fails:
+                expected = "an error" if d.fails else "success"
+                print(f"  ✗ expected {expected}, got exit code {result.returncode}")
+                ok = False
+    except RuntimeError as err:
+        print(f"  ✗ {err}")
+        ok = False
+    finally:
+        for server in servers:
+            code = server.stop()
+            print("  server log:")
+            print(indent(server.output), end="")
+            if code != 0:
+                print(f"  ✗ server exited with {code}, expected 0")
+                ok = False
+    print(f"{'✓' if ok else '✗'} step {step.label}", flush=True)
+    return ok
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description="Run every step's demo, or the steps named.")
+    parser.add_argument("steps", nargs="*", metavar="NN")
+    parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    steps = select_steps(args.steps, args.root)
+    started = time.monotonic()
+    failed = []
+    for step in steps:
+        entry = TOUR.get(step.number)
+        if entry is None:
+            print(f"✗ step {step.label}: no tour entry in tools/tour.py")
+            failed.append(step.label)
+        elif not run_entry(step, entry):
+            failed.append(step.label)
+    seconds = time.monotonic() - started
+    if failed:
+        print(f"\ntour FAILED at step(s) {', '.join(failed)} ({seconds:.1f}s)")
+        return 1
+    print(f"\ntour done: {len(steps)} step(s) in {seconds:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
