@@ -15,7 +15,8 @@ import grpc
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 
 # Every call has a deadline: a client that waits forever for a stuck server is a bug.
-DEFAULT_TIMEOUT_SECONDS = 5.0
+# Each command has its own default, since a stream takes longer than one reply.
+DEFAULT_TIMEOUT_SECONDS = {"hello": 5.0}
 
 
 async def hello(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
@@ -35,8 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     common.add_argument(
         "--timeout",
         type=float,
-        default=env("GREETER_TIMEOUT", str(DEFAULT_TIMEOUT_SECONDS)),
-        help="deadline of the call in seconds (GREETER_TIMEOUT)",
+        default=env("GREETER_TIMEOUT"),
+        help="deadline of the call in seconds (GREETER_TIMEOUT; default: per command)",
     )
 
     parser = argparse.ArgumentParser(description="Greeter demo client")
@@ -44,7 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     say_hello = commands.add_parser("hello", parents=[common], help="one SayHello call")
     say_hello.add_argument("--name", required=True, help="who to greet")
     say_hello.set_defaults(run=hello)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.timeout is None:
+        args.timeout = DEFAULT_TIMEOUT_SECONDS[args.command]
+    return args
 
 
 async def run(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ from conftest import STEP_DIR
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from server import MAX_MESSAGE_BYTES, Settings, build_server, stop_when
 from service import MAX_NAME_LENGTH, Greeter
-from tests.support.helpers import closed_port, eventually
+from tests.support.helpers import closed_port, eventually, silent_port
 from tools.processes import run_script
 
 Request = greeter_pb2.HelloRequest
@@ -156,6 +156,14 @@ def test_client_reports_a_server_that_is_down():
     assert result.returncode == 1
     assert result.stderr.startswith("error: UNAVAILABLE: ")
     assert result.stderr.count("\n") == 1, "one line, no traceback"
+
+
+def test_client_gives_up_on_a_stuck_server_at_its_deadline():
+    with silent_port() as address:
+        result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
+                            "--target", address, "--timeout", "0.5", timeout=10)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: DEADLINE_EXCEEDED: ")
 
 
 def test_client_uses_the_target_from_the_environment(server_process):

@@ -39,6 +39,16 @@ def closed_port() -> Iterator[str]:
         yield f"127.0.0.1:{sock.getsockname()[1]}"
 
 
+@contextlib.contextmanager
+def silent_port() -> Iterator[str]:
+    """An address on loopback that accepts TCP connections but never answers: a stuck
+    server. Only a deadline gets a client out of a call to it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
 def require_binary(name: str, install_hint: str) -> str:
     """Path of system binary `name`. Without it the test skips, saying how to install it;
     with CI=true a missing binary fails the test, since CI must run every test."""
