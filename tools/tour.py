@@ -44,6 +44,14 @@ TOUR: dict[int, TourEntry] = {
         adds="one request, one reply: SayHello, with input validation and graceful shutdown",
         demos=(demo("hello", "--name", "Ada"), demo("hello", "--name", "", fails=True)),
     ),
+    2: TourEntry(
+        title="Server streaming",
+        adds="one request, many replies over time: StreamGreetings, bounded and cancellable",
+        demos=(
+            demo("stream", "--name", "Ada", "--count", "3"),
+            demo("stream", "--name", "Ada", "--count", "11", fails=True),
+        ),
+    ),
 }
 
 BAR = "━" * 72
