@@ -9,6 +9,7 @@ from tools.steps import ROOT
 KEY_LINES = {
     1: "Hello, Ada!",
     2: "Hello, Ada! (3/3)",
+    3: "Hello, Grace!",
 }
 
 

@@ -52,6 +52,14 @@ TOUR: dict[int, TourEntry] = {
             demo("stream", "--name", "Ada", "--count", "11", fails=True),
         ),
     ),
+    3: TourEntry(
+        title="Bidirectional chat",
+        adds="both sides stream: Chat answers each message as it arrives, bounded and leak-free",
+        demos=(
+            demo("chat", "--message", "Ada", "--message", "Grace"),
+            demo("chat", "--message", "Ada", "--message", "", "--message", "Grace", fails=True),
+        ),
+    ),
 }
 
 BAR = "━" * 72
