@@ -112,12 +112,16 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         asyncio.run(serve(settings))
     except RuntimeError as err:  # grpc raises RuntimeError when the port cannot be bound
-        print(f"error: cannot listen on {host_port(settings.host, settings.port)}: {err}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: cannot listen on {host_port(settings.host, settings.port)}: {err}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -41,7 +41,10 @@ async def test_say_hello_accepts_unicode_up_to_the_length_limit(stub):
     [
         ("", "name must not be empty"),
         ("   ", "name must not be empty"),
-        ("x" * (MAX_NAME_LENGTH + 1), f"name must be at most {MAX_NAME_LENGTH} characters (got 101)"),
+        (
+            "x" * (MAX_NAME_LENGTH + 1),
+            f"name must be at most {MAX_NAME_LENGTH} characters (got 101)",
+        ),
         ("Ada\nINFO forged log line", "name must be printable text"),
     ],
     ids=["empty", "blank", "too-long", "control-characters"],
@@ -97,7 +100,9 @@ async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
         async def new_call_refused() -> bool:
             async with grpc.aio.insecure_channel(address) as fresh:
                 try:
-                    await greeter_pb2_grpc.GreeterStub(fresh).SayHello(Request(name="Bob"), timeout=1)
+                    await greeter_pb2_grpc.GreeterStub(fresh).SayHello(
+                        Request(name="Bob"), timeout=1
+                    )
                 except grpc.aio.AioRpcError as err:
                     return err.code() == grpc.StatusCode.UNAVAILABLE
             return False
@@ -112,8 +117,12 @@ async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_server_process_stops_cleanly_on_signal(server_process, sig):
-    assert run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
-                      "--target", server_process.address).returncode == 0  # fmt: skip
+    assert (
+        run_script(
+            STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
+        ).returncode
+        == 0
+    )
     assert server_process.stop(sig) == 0
     assert "stopped" in server_process.output
     assert "Traceback" not in server_process.output
@@ -137,14 +146,16 @@ def test_server_rejects_a_bad_port_setting():
 
 
 def test_client_prints_the_reply(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
-                        "--target", server_process.address)  # fmt: skip
+    result = run_script(
+        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
 
 
 def test_client_reports_an_rpc_error_in_one_line(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "",
-                        "--target", server_process.address)  # fmt: skip
+    result = run_script(
+        STEP_DIR, "client.py", "hello", "--name", "", "--target", server_process.address
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
@@ -160,14 +171,29 @@ def test_client_reports_a_server_that_is_down():
 
 def test_client_gives_up_on_a_stuck_server_at_its_deadline():
     with silent_port() as address:
-        result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
-                            "--target", address, "--timeout", "0.5", timeout=10)  # fmt: skip
+        result = run_script(
+            STEP_DIR,
+            "client.py",
+            "hello",
+            "--name",
+            "Ada",
+            "--target",
+            address,
+            "--timeout",
+            "0.5",
+            timeout=10,
+        )
     assert result.returncode == 1
     assert result.stderr.startswith("error: DEADLINE_EXCEEDED: ")
 
 
 def test_client_uses_the_target_from_the_environment(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
-                        env={"GREETER_TARGET": server_process.address})  # fmt: skip
+    result = run_script(
+        STEP_DIR,
+        "client.py",
+        "hello",
+        "--name",
+        "Ada",
+        env={"GREETER_TARGET": server_process.address},
+    )
     assert result.stdout == "Hello, Ada!\n"
-

@@ -97,7 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     say_hello.set_defaults(run=hello)
     greetings = commands.add_parser("stream", parents=[common], help="one StreamGreetings call")
     greetings.add_argument("--name", required=True, help="who to greet")
-    greetings.add_argument("--count", type=int, default=0, help="how many replies (server default: 5)")
+    greetings.add_argument(
+        "--count", type=int, default=0, help="how many replies (server default: 5)"
+    )
     greetings.set_defaults(run=stream)
     conversation = commands.add_parser("chat", parents=[common], help="one Chat conversation")
     conversation.add_argument(

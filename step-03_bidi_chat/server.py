@@ -91,7 +91,9 @@ def build_server(
         ],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
-    greeter_pb2_grpc.add_GreeterServicer_to_server(servicer or Greeter(settings.stream_interval), server)
+    greeter_pb2_grpc.add_GreeterServicer_to_server(
+        servicer or Greeter(settings.stream_interval), server
+    )
     port = server.add_insecure_port(host_port(settings.host, settings.port))
     return server, port
 
@@ -119,12 +121,16 @@ async def serve(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         asyncio.run(serve(settings))
     except RuntimeError as err:  # grpc raises RuntimeError when the port cannot be bound
-        print(f"error: cannot listen on {host_port(settings.host, settings.port)}: {err}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: cannot listen on {host_port(settings.host, settings.port)}: {err}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

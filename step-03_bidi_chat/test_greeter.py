@@ -2,6 +2,7 @@
 validation, their limits and a graceful shutdown."""
 
 import asyncio
+import itertools
 import logging
 import signal
 import subprocess
@@ -11,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from conftest import FAST_STREAM_INTERVAL, STEP_DIR
+from conftest import STEP_DIR
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from server import MAX_MESSAGE_BYTES, Settings, build_server, stop_when
 from service import (
@@ -52,7 +53,10 @@ async def test_say_hello_accepts_unicode_up_to_the_length_limit(stub):
     [
         ("", "name must not be empty"),
         ("   ", "name must not be empty"),
-        ("x" * (MAX_NAME_LENGTH + 1), f"name must be at most {MAX_NAME_LENGTH} characters (got 101)"),
+        (
+            "x" * (MAX_NAME_LENGTH + 1),
+            f"name must be at most {MAX_NAME_LENGTH} characters (got 101)",
+        ),
         ("Ada\nINFO forged log line", "name must be printable text"),
     ],
     ids=["empty", "blank", "too-long", "control-characters"],
@@ -95,7 +99,9 @@ async def test_stream_count_defaults_when_unset(stub):
 
 
 async def test_stream_accepts_the_maximum_count(stub):
-    replies = await messages(stub.StreamGreetings(Request(name="Ada", count=MAX_STREAM_COUNT), timeout=5))
+    replies = await messages(
+        stub.StreamGreetings(Request(name="Ada", count=MAX_STREAM_COUNT), timeout=5)
+    )
     assert len(replies) == MAX_STREAM_COUNT
 
 
@@ -103,16 +109,20 @@ async def test_stream_replies_are_spread_over_time(start_server):
     interval = 0.1
     address = await start_server(stream_interval=interval)
     async with grpc.aio.insecure_channel(address) as channel:
-        call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(Request(name="Ada", count=3), timeout=5)
+        call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
+            Request(name="Ada", count=3), timeout=5
+        )
         arrivals = [time.monotonic() async for _ in call]
-    gaps = [later - earlier for earlier, later in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
     assert len(gaps) == 2
     assert all(gap >= interval * 0.9 for gap in gaps), gaps  # sleeps are never shorter
 
 
 @pytest.mark.parametrize("count", [-1, MAX_STREAM_COUNT + 1])
 async def test_stream_rejects_a_count_out_of_range(stub, count):
-    error = await rpc_error(messages(stub.StreamGreetings(Request(name="Ada", count=count), timeout=5)))
+    error = await rpc_error(
+        messages(stub.StreamGreetings(Request(name="Ada", count=count), timeout=5))
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details() == (
         f"count must be between 1 and {MAX_STREAM_COUNT} (got {count}); "
@@ -133,7 +143,9 @@ async def test_server_stops_streaming_as_soon_as_the_client_cancels(start_server
     interval = 0.2  # the full stream would take 10 × 0.2 = 1.8 s more after the cancel
     address = await start_server(stream_interval=interval)
     async with grpc.aio.insecure_channel(address) as channel:
-        call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(Request(name="Ada", count=10), timeout=10)
+        call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
+            Request(name="Ada", count=10), timeout=10
+        )
         received = [await call.read(), await call.read()]
         assert [r.message for r in received] == ["Hello, Ada! (1/10)", "Hello, Ada! (2/10)"]
         cancelled_at = time.monotonic()
@@ -171,7 +183,9 @@ async def test_chat_answers_each_message_before_the_next_is_sent(stub):
 
 async def test_chat_ends_cleanly_when_the_client_half_closes(stub):
     names = ["Ada", "Grace"]
-    call = stub.Chat(iter([Request(name=n) for n in names]), timeout=5)  # half-closes after the last
+    call = stub.Chat(
+        iter([Request(name=n) for n in names]), timeout=5
+    )  # half-closes after the last
     assert await messages(call) == ["Hello, Ada!", "Hello, Grace!"]
     assert await call.code() == grpc.StatusCode.OK
 
@@ -218,7 +232,9 @@ async def test_fifty_chats_run_at_once(stub):
         return replies
 
     results = await asyncio.gather(*(one_chat(n) for n in range(chats)))
-    assert results == [[f"Hello, chat {n} first!", f"Hello, chat {n} second!"] for n in range(chats)]
+    assert results == [
+        [f"Hello, chat {n} first!", f"Hello, chat {n} second!"] for n in range(chats)
+    ]
 
 
 async def test_client_that_disconnects_mid_chat_leaves_nothing_behind(start_server, caplog):
@@ -230,9 +246,15 @@ async def test_client_that_disconnects_mid_chat_leaves_nothing_behind(start_serv
     # task with a new one whenever a call arrives.
     tasks_before = len(asyncio.all_tasks())
     client = await asyncio.create_subprocess_exec(
-        sys.executable, "client.py", "chat", "--target", address,
-        cwd=STEP_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "client.py",
+        "chat",
+        "--target",
+        address,
+        cwd=STEP_DIR,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     client.stdin.write(b"Ada\n")
     await client.stdin.drain()
     assert await asyncio.wait_for(client.stdout.readline(), 10) == b"Hello, Ada!\n"
@@ -291,7 +313,9 @@ async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
         async def new_call_refused() -> bool:
             async with grpc.aio.insecure_channel(address) as fresh:
                 try:
-                    await greeter_pb2_grpc.GreeterStub(fresh).SayHello(Request(name="Bob"), timeout=1)
+                    await greeter_pb2_grpc.GreeterStub(fresh).SayHello(
+                        Request(name="Bob"), timeout=1
+                    )
                 except grpc.aio.AioRpcError as err:
                     return err.code() == grpc.StatusCode.UNAVAILABLE
             return False
@@ -306,8 +330,12 @@ async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_server_process_stops_cleanly_on_signal(server_process, sig):
-    assert run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
-                      "--target", server_process.address).returncode == 0  # fmt: skip
+    assert (
+        run_script(
+            STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
+        ).returncode
+        == 0
+    )
     assert server_process.stop(sig) == 0
     assert "stopped" in server_process.output
     assert "Traceback" not in server_process.output
@@ -331,14 +359,16 @@ def test_server_rejects_a_bad_port_setting():
 
 
 def test_client_prints_the_reply(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
-                        "--target", server_process.address)  # fmt: skip
+    result = run_script(
+        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
 
 
 def test_client_reports_an_rpc_error_in_one_line(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "",
-                        "--target", server_process.address)  # fmt: skip
+    result = run_script(
+        STEP_DIR, "client.py", "hello", "--name", "", "--target", server_process.address
+    )
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
@@ -354,8 +384,18 @@ def test_client_reports_a_server_that_is_down():
 
 def test_client_gives_up_on_a_stuck_server_at_its_deadline():
     with silent_port() as address:
-        result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
-                            "--target", address, "--timeout", "0.5", timeout=10)  # fmt: skip
+        result = run_script(
+            STEP_DIR,
+            "client.py",
+            "hello",
+            "--name",
+            "Ada",
+            "--target",
+            address,
+            "--timeout",
+            "0.5",
+            timeout=10,
+        )
     assert result.returncode == 1
     assert result.stderr.startswith("error: DEADLINE_EXCEEDED: ")
 
@@ -364,10 +404,22 @@ def test_client_prints_stream_replies_as_they_arrive():
     """The first reply is on the client's stdout while the stream is still running."""
     with ServerProcess(STEP_DIR, "--stream-interval", "0.3") as server:
         client = subprocess.Popen(
-            [sys.executable, "client.py", "stream", "--name", "Ada", "--count", "3",
-             "--target", server.address],
-            cwd=STEP_DIR, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "client.py",
+                "stream",
+                "--name",
+                "Ada",
+                "--count",
+                "3",
+                "--target",
+                server.address,
+            ],
+            cwd=STEP_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         first = client.stdout.readline()
         still_running = client.poll() is None
         rest, errors = client.communicate(timeout=10)
@@ -378,28 +430,66 @@ def test_client_prints_stream_replies_as_they_arrive():
 
 
 def test_client_reports_a_stream_error_in_one_line(server_process):
-    result = run_script(STEP_DIR, "client.py", "stream", "--name", "Ada", "--count", "11",
-                        "--target", server_process.address)  # fmt: skip
+    result = run_script(
+        STEP_DIR,
+        "client.py",
+        "stream",
+        "--name",
+        "Ada",
+        "--count",
+        "11",
+        "--target",
+        server_process.address,
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: count must be between 1 and 10")
     assert result.stderr.count("\n") == 1
 
 
 def test_client_chats_with_each_message_option(server_process):
-    result = run_script(STEP_DIR, "client.py", "chat", "--message", "Ada", "--message", "Grace",
-                        "--target", server_process.address)  # fmt: skip
-    assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\nHello, Grace!\n", "")
+    result = run_script(
+        STEP_DIR,
+        "client.py",
+        "chat",
+        "--message",
+        "Ada",
+        "--message",
+        "Grace",
+        "--target",
+        server_process.address,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        "Hello, Ada!\nHello, Grace!\n",
+        "",
+    )
 
 
 def test_client_chats_line_by_line_from_stdin(server_process):
-    result = run_script(STEP_DIR, "client.py", "chat", "--target", server_process.address,
-                        input="Ada\n\nGrace\n")  # fmt: skip
-    assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\nHello, Grace!\n", "")
+    result = run_script(
+        STEP_DIR, "client.py", "chat", "--target", server_process.address, input="Ada\n\nGrace\n"
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        "Hello, Ada!\nHello, Grace!\n",
+        "",
+    )
 
 
 def test_client_reports_a_chat_error_in_one_line(server_process):
-    result = run_script(STEP_DIR, "client.py", "chat", "--message", "Ada", "--message", "Ada\tLovelace",
-                        "--message", "Grace", "--target", server_process.address)  # fmt: skip
+    result = run_script(
+        STEP_DIR,
+        "client.py",
+        "chat",
+        "--message",
+        "Ada",
+        "--message",
+        "Ada\tLovelace",
+        "--message",
+        "Grace",
+        "--target",
+        server_process.address,
+    )
     assert result.returncode == 1
     assert result.stdout == "Hello, Ada!\n"
     assert result.stderr == (
@@ -408,7 +498,12 @@ def test_client_reports_a_chat_error_in_one_line(server_process):
 
 
 def test_client_uses_the_target_from_the_environment(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada",
-                        env={"GREETER_TARGET": server_process.address})  # fmt: skip
+    result = run_script(
+        STEP_DIR,
+        "client.py",
+        "hello",
+        "--name",
+        "Ada",
+        env={"GREETER_TARGET": server_process.address},
+    )
     assert result.stdout == "Hello, Ada!\n"
-

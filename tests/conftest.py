@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from tools.steps import all_steps
@@ -11,7 +13,7 @@ def pytest_generate_tests(metafunc):
     if "step" in metafunc.fixturenames:
         metafunc.parametrize("step", STEPS, ids=[s.label for s in STEPS])
     if "pair" in metafunc.fixturenames:
-        pairs = list(zip(STEPS, STEPS[1:], strict=False))
+        pairs = list(itertools.pairwise(STEPS))
         metafunc.parametrize("pair", pairs, ids=[f"{a.label}-{b.label}" for a, b in pairs])
 
 

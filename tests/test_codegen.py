@@ -12,6 +12,8 @@ def test_generated_code_is_fresh(step, tmp_path):
         if is_generated(p.name) and "protos" not in p.relative_to(step.path).parts
     }
     assert fresh, "protoc generated nothing"
-    assert sorted(checked_in) == sorted(fresh), "generated files missing or extra: run `make protos`"
+    assert sorted(checked_in) == sorted(fresh), (
+        "generated files missing or extra: run `make protos`"
+    )
     stale = [str(name) for name in fresh if fresh[name] != checked_in[name]]
     assert not stale, f"stale generated code {stale}: run `make protos`"

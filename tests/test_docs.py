@@ -7,7 +7,9 @@ from tools.processes import ServerProcess, run_script
 from tools.steps import ROOT
 
 ROOT_README = ROOT / "README.md"
-ENV_READ = re.compile(r"""\b(?:env|os\.environ\.get|os\.getenv|environ\.get)\(\s*["']([A-Z][A-Z0-9_]+)["']""")
+ENV_READ = re.compile(
+    r"""\b(?:env|os\.environ\.get|os\.getenv|environ\.get)\(\s*["']([A-Z][A-Z0-9_]+)["']"""
+)
 STEP_SECTIONS = ["Goal", "What changed", "Run it", "How it works", "Try it yourself", "Next step"]
 
 
@@ -27,8 +29,9 @@ def test_run_it_commands_print_what_the_readme_shows(step):
     assert ["python", "server.py"] in [c.argv[:2] for c in commands]
     with ServerProcess(step.path) as server:
         for command in clients:
-            result = run_script(step.path, "client.py", *command.argv[2:],
-                                env={"GREETER_TARGET": server.address})  # fmt: skip
+            result = run_script(
+                step.path, "client.py", *command.argv[2:], env={"GREETER_TARGET": server.address}
+            )
             assert result.stdout + result.stderr == command.expected_output, command.argv
 
 

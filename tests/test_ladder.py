@@ -11,18 +11,24 @@ def names_of_tests(path):
     tree = ast.parse(path.read_text())
     names = set()
     for node in tree.body:
-        if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef) and node.name.startswith("test"):
+        if isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef) and node.name.startswith(
+            "test"
+        ):
             names.add(node.name)
         elif isinstance(node, ast.ClassDef) and node.name.startswith("Test"):
             for item in node.body:
-                if isinstance(item, ast.AsyncFunctionDef | ast.FunctionDef) and item.name.startswith("test"):
+                if isinstance(
+                    item, ast.AsyncFunctionDef | ast.FunctionDef
+                ) and item.name.startswith("test"):
                     names.add(f"{node.name}.{item.name}")
     return names
 
 
 def test_every_test_of_the_previous_step_is_carried_forward(pair):
     before, after = pair
-    missing = names_of_tests(before.path / "test_greeter.py") - names_of_tests(after.path / "test_greeter.py")
+    missing = names_of_tests(before.path / "test_greeter.py") - names_of_tests(
+        after.path / "test_greeter.py"
+    )
     assert not missing, f"{after.name} dropped tests of {before.name}: {sorted(missing)}"
 
 

@@ -51,7 +51,9 @@ def imported_top_level_names(path):
 def test_runtime_code_imports_only_its_own_folder_and_installed_packages(step):
     """A learner copies one folder: its runtime code must not reach into tools/, tests/ or
     another step. (Test code may use the shared fixtures of tests/support.)"""
-    local = {p.stem for p in step.path.glob("*.py")} | {p.name for p in step.path.iterdir() if p.is_dir()}
+    local = {p.stem for p in step.path.glob("*.py")} | {
+        p.name for p in step.path.iterdir() if p.is_dir()
+    }
     installed = set(importlib.metadata.packages_distributions())
     allowed = set(sys.stdlib_module_names) | installed | local
     forbidden = {p.name for p in ROOT.iterdir() if p.is_dir()} - local

@@ -15,8 +15,12 @@ def tool(name: str, *args: str, cwd: Path = ROOT, env: dict | None = None):
 
     return subprocess.run(
         [sys.executable, str(ROOT / "tools" / name), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def write(path: Path, text: str) -> None:
@@ -25,8 +29,12 @@ def write(path: Path, text: str) -> None:
 
 
 def git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
 
 
 BASE = "def greet(name):\n    return 'Hello, ' + name\n\n\ndef main():\n    print(greet('Ada'))\n"
@@ -113,7 +121,9 @@ def test_test_runner_fails_on_a_failing_test(tmp_path):
 
 
 def test_test_runner_counts_a_skip_as_a_failure_in_ci(tmp_path):
-    scratch_step(tmp_path, "import pytest\n\n\ndef test_needs_binary():\n    pytest.skip('no binary')\n")
+    scratch_step(
+        tmp_path, "import pytest\n\n\ndef test_needs_binary():\n    pytest.skip('no binary')\n"
+    )
     assert tool("run_tests.py", "--root", str(tmp_path), env={"CI": ""}).returncode == 0
     result = tool("run_tests.py", "--root", str(tmp_path), env={"CI": "true"})
     assert result.returncode == 1
@@ -129,13 +139,19 @@ def test_test_runner_fails_when_no_test_runs(tmp_path):
 
 def test_tour_fails_when_a_demo_fails(tmp_path):
     """A step 01 whose server serves but whose client exits 1: the tour must say so."""
-    write(tmp_path / "step-01_broken/server.py", """\
+    write(
+        tmp_path / "step-01_broken/server.py",
+        """\
         import signal, sys, time
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         print("listening on 127.0.0.1:1", flush=True)
         signal.pause()
-    """)
-    write(tmp_path / "step-01_broken/client.py", "import sys\nsys.exit('error: UNAVAILABLE: broken')\n")
+    """,
+    )
+    write(
+        tmp_path / "step-01_broken/client.py",
+        "import sys\nsys.exit('error: UNAVAILABLE: broken')\n",
+    )
     result = tool("tour.py", "--root", str(tmp_path))
     assert result.returncode == 1
     assert "✗ expected success, got exit code 1" in result.stdout

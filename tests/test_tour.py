@@ -17,8 +17,11 @@ def test_tour_runs_the_step_and_shows_its_key_line(step):
     assert step.number in KEY_LINES, f"add the key line of {step.name} to KEY_LINES"
     result = subprocess.run(
         [sys.executable, "tools/tour.py", step.label],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"✓ step {step.label}" in result.stdout
     shown = [line.strip() for line in result.stdout.splitlines()]

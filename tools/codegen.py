@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.steps import select_steps  # noqa: E402
+from tools.steps import select_steps
 
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 
@@ -32,13 +32,15 @@ def generate(step_dir: Path, out_dir: Path) -> None:
     protos = [str(p.relative_to(proto_root)) for p in protos_of(step_dir)]
     out_dir.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, "-m", "grpc_tools.protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"--proto_path={proto_root}",
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         *protos,
-    ]  # fmt: skip
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"protoc failed for {step_dir.name}:\n{result.stderr}")

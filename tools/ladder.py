@@ -23,8 +23,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.codegen import generate, is_generated  # noqa: E402
-from tools.steps import ROOT, Step, all_steps, find_step  # noqa: E402
+import itertools
+
+from tools.codegen import generate, is_generated
+from tools.steps import ROOT, Step, all_steps, find_step
 
 IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
 NOT_CARRIED = {"README.md"}
@@ -67,10 +69,14 @@ def unified_diff(before: Step, after: Step) -> str:
     old, new = step_files(before.path), step_files(after.path)
     chunks = []
     for name in changed_files(before.path, after.path):
-        chunks.extend(difflib.unified_diff(
-            read_lines(old.get(name)), read_lines(new.get(name)),
-            f"{before.name}/{name}", f"{after.name}/{name}",
-        ))  # fmt: skip
+        chunks.extend(
+            difflib.unified_diff(
+                read_lines(old.get(name)),
+                read_lines(new.get(name)),
+                f"{before.name}/{name}",
+                f"{after.name}/{name}",
+            )
+        )
     return "".join(chunks)
 
 
@@ -81,7 +87,15 @@ def counted(lines: list[str]) -> int:
 def pair_stats(before: Step, after: Step) -> dict[str, int]:
     """Changed files by kind, and non-blank lines added/removed in code (.py, .proto) and in
     the rest (READMEs, configs)."""
-    stats = {"added": 0, "modified": 0, "removed": 0, "code+": 0, "code-": 0, "other+": 0, "other-": 0}
+    stats = {
+        "added": 0,
+        "modified": 0,
+        "removed": 0,
+        "code+": 0,
+        "code-": 0,
+        "other+": 0,
+        "other-": 0,
+    }
     old, new = step_files(before.path), step_files(after.path)
     for name, kind in changed_files(before.path, after.path).items():
         stats[kind] += 1
@@ -100,7 +114,9 @@ def git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=check)
 
 
-def change_to_carry(root: Path, step: Step) -> tuple[str, dict[str, str | None], dict[str, str | None]]:
+def change_to_carry(
+    root: Path, step: Step
+) -> tuple[str, dict[str, str | None], dict[str, str | None]]:
     """(where the change comes from, {file: content before}, {file: content after}) for the
     change to `step`: uncommitted if any, else the last commit. None means "no such file"."""
     folder = step.name
@@ -108,11 +124,23 @@ def change_to_carry(root: Path, step: Step) -> tuple[str, dict[str, str | None],
     if uncommitted.strip():
         source, base_rev, new_rev = "uncommitted changes", "HEAD", None
     else:
-        has_parent = git(root, "rev-parse", "--verify", "--quiet", "HEAD~1", check=False).returncode == 0
-        source, base_rev, new_rev = "the last commit", "HEAD~1" if has_parent else EMPTY_TREE, "HEAD"
-    names = set(git(root, "diff", "--name-only", base_rev, *([new_rev] if new_rev else []), "--", folder).stdout.split())
+        has_parent = (
+            git(root, "rev-parse", "--verify", "--quiet", "HEAD~1", check=False).returncode == 0
+        )
+        source, base_rev, new_rev = (
+            "the last commit",
+            "HEAD~1" if has_parent else EMPTY_TREE,
+            "HEAD",
+        )
+    names = set(
+        git(
+            root, "diff", "--name-only", base_rev, *([new_rev] if new_rev else []), "--", folder
+        ).stdout.split()
+    )
     if new_rev is None:
-        names |= set(git(root, "ls-files", "--others", "--exclude-standard", "--", folder).stdout.split())
+        names |= set(
+            git(root, "ls-files", "--others", "--exclude-standard", "--", folder).stdout.split()
+        )
 
     def content(rev: str | None, name: str) -> str | None:
         if rev is None:
@@ -131,7 +159,7 @@ def change_to_carry(root: Path, step: Step) -> tuple[str, dict[str, str | None],
     return source, before, after
 
 
-def merge(ours: str | None, base: str | None, theirs: str | None) -> str | None | Exception:
+def merge(ours: str | None, base: str | None, theirs: str | None) -> str | Exception | None:
     """3-way merge of one file; an Exception (not raised) describes a conflict."""
     if ours == theirs:
         return ours
@@ -155,7 +183,9 @@ def propagate(root: Path, selector: str) -> int:
     source_step = find_step(selector, root)
     source, before, after = change_to_carry(root, source_step)
     if not before:
-        print(f"nothing to carry: no change to {source_step.name} in {source} (README.md is never carried)")
+        print(
+            f"nothing to carry: no change to {source_step.name} in {source} (README.md is never carried)"
+        )
         return 1
     print(f"carrying {source} of {source_step.name}: {', '.join(before)}")
     for step in [s for s in all_steps(root) if s.number > source_step.number]:
@@ -205,7 +235,9 @@ def main(argv: list[str]) -> int:
         if len(args.steps) == 2:
             before = find_step(args.steps[0], args.root)
         elif after.number == 1:
-            parser.error(f"{after.name} is the first step: there is nothing before it to diff against")
+            parser.error(
+                f"{after.name} is the first step: there is nothing before it to diff against"
+            )
         else:
             before = find_step(str(after.number - 1), args.root)
         sys.stdout.write(unified_diff(before, after))
@@ -213,11 +245,12 @@ def main(argv: list[str]) -> int:
     if args.command == "stats":
         steps = all_steps(args.root)
         print(f"{'steps':<8} {'files +/~/-':>12} {'code lines +/-':>15} {'other lines +/-':>16}")
-        for before, after in zip(steps, steps[1:], strict=False):
+        for before, after in itertools.pairwise(steps):
             s = pair_stats(before, after)
             files = f"{s['added']}/{s['modified']}/{s['removed']}"
-            print(f"{before.label}→{after.label:<4} {files:>12} {'+%d -%d' % (s['code+'], s['code-']):>15} "
-                  f"{'+%d -%d' % (s['other+'], s['other-']):>16}")  # fmt: skip
+            code = f"+{s['code+']} -{s['code-']}"
+            other = f"+{s['other+']} -{s['other-']}"
+            print(f"{before.label}→{after.label:<4} {files:>12} {code:>15} {other:>16}")
         return 0
     return propagate(args.root, args.step)
 

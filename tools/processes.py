@@ -23,8 +23,14 @@ class ServerProcess:
     (stdout and stderr interleaved) and available as `output` once stopped.
     """
 
-    def __init__(self, step_dir: Path, *args: str, script: str = "server.py",
-                 env: dict[str, str] | None = None, ready_timeout: float = 20.0):  # fmt: skip
+    def __init__(
+        self,
+        step_dir: Path,
+        *args: str,
+        script: str = "server.py",
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 20.0,
+    ):
         self.command = [sys.executable, script, "--port", "0", *args]
         self.process = subprocess.Popen(
             self.command,
@@ -89,9 +95,14 @@ class ServerProcess:
         self.stop()
 
 
-def run_script(step_dir: Path, script: str, *args: str, input: str | None = None,
-               timeout: float = 30.0, env: dict[str, str] | None = None,
-               ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def run_script(
+    step_dir: Path,
+    script: str,
+    *args: str,
+    input: str | None = None,
+    timeout: float = 30.0,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run `python <script> args...` in a step folder and capture its output."""
     return subprocess.run(
         [sys.executable, script, *args],

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.steps import ROOT, select_steps  # noqa: E402
+from tools.steps import ROOT, select_steps
 
 
 @dataclass
@@ -45,7 +45,15 @@ def run_pytest(run: Run, ci: bool) -> Run:
         report = Path(tmp) / "report.xml"
         started = time.monotonic()
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", f"--junitxml={report}", "-o", "junit_family=xunit1"],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                f"--junitxml={report}",
+                "-o",
+                "junit_family=xunit1",
+            ],
             cwd=run.directory,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -74,7 +82,9 @@ def print_summary(runs: list[Run], seconds: float) -> None:
     print(f"\n{'run':<{width}}  {'passed':>6}  {'failed':>6}  {'skipped':>7}  {'seconds':>7}")
     for r in runs:
         mark = "" if r.ok else f"  ✗ {r.problem or 'FAILED'}"
-        print(f"{r.name:<{width}}  {r.passed:>6}  {r.failed:>6}  {r.skipped:>7}  {r.seconds:>7.1f}{mark}")
+        print(
+            f"{r.name:<{width}}  {r.passed:>6}  {r.failed:>6}  {r.skipped:>7}  {r.seconds:>7.1f}{mark}"
+        )
     passed = sum(r.passed for r in runs)
     failed = sum(r.failed for r in runs)
     skipped = sum(r.skipped for r in runs)

@@ -34,7 +34,9 @@ def all_steps(root: Path = ROOT) -> list[Step]:
 
 def find_step(selector: str, root: Path = ROOT) -> Step:
     for step in all_steps(root):
-        if selector in (step.name, step.label) or selector.isdigit() and int(selector) == step.number:
+        if selector in (step.name, step.label) or (
+            selector.isdigit() and int(selector) == step.number
+        ):
             return step
     raise SystemExit(f"no step folder matches {selector!r} (try a number such as 01)")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.processes import ServerProcess, run_script  # noqa: E402
-from tools.steps import ROOT, Step, select_steps  # noqa: E402
+from tools.processes import ServerProcess, run_script
+from tools.steps import ROOT, Step, select_steps
 
 
 @dataclass(frozen=True)

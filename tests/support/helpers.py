@@ -11,8 +11,13 @@ from collections.abc import Awaitable, Callable, Iterator
 import pytest
 
 
-async def eventually(condition: Callable[[], bool | Awaitable[bool]], *, timeout: float = 5.0,
-                     interval: float = 0.01, message: str = "condition") -> None:  # fmt: skip
+async def eventually(
+    condition: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float = 5.0,
+    interval: float = 0.01,
+    message: str = "condition",
+) -> None:
     """Wait until `condition()` is true, polling; fail the test after `timeout` seconds.
 
     This is how tests synchronise with another process or task: on a condition, never on a

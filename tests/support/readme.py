@@ -19,7 +19,10 @@ def section(readme: Path, title: str) -> str:
 
 def what_changed(readme: Path) -> dict[str, str]:
     """{file: "added" | "modified" | "removed"} as the README's "What changed" lists them."""
-    return {path: KIND[kind] for path, kind in WHAT_CHANGED_ITEM.findall(section(readme, "What changed"))}
+    return {
+        path: KIND[kind]
+        for path, kind in WHAT_CHANGED_ITEM.findall(section(readme, "What changed"))
+    }
 
 
 @dataclass(frozen=True)
