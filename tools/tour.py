@@ -60,6 +60,15 @@ TOUR: dict[int, TourEntry] = {
             demo("chat", "--message", "Ada", "--message", "", "--message", "Grace", fails=True),
         ),
     ),
+    4: TourEntry(
+        title="Interceptors",
+        adds="one log line per RPC (method, peer, status, duration) on the server and the client",
+        demos=(
+            demo("hello", "--name", "Ada", "-v"),
+            demo("stream", "--name", "Ada", "--count", "2", "-v"),
+            demo("hello", "--name", "", "-v", fails=True),
+        ),
+    ),
 }
 
 BAR = "━" * 72
