@@ -129,7 +129,8 @@ class ClientRpcLogger:
 
     grpc.aio picks client interceptors by RPC kind: an object is used only for the kinds whose
     interceptor class it subclasses, and one class subclassing all four is used for unary-unary
-    calls only. So `interceptors()` gives one instance per kind, all sharing this logger.
+    calls only. So `interceptors()` gives one instance per kind (`for_every_rpc_kind`), all
+    sharing this logger.
     The line is written by a small task that waits for the call's status; `flush()` waits
     for those, so a short-lived program loses no line at exit.
     """
@@ -139,12 +140,7 @@ class ClientRpcLogger:
         self._pending: set[asyncio.Task] = set()
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
-        return [
-            _LogUnaryUnary(self),
-            _LogUnaryStream(self),
-            _LogStreamUnary(self),
-            _LogStreamStream(self),
-        ]
+        return for_every_rpc_kind(self.intercept)
 
     async def intercept(self, continuation, call_details, request):
         started = time.monotonic()
@@ -163,33 +159,44 @@ class ClientRpcLogger:
         await asyncio.gather(*self._pending, return_exceptions=True)
 
 
-class _LogUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, rpc_logger: ClientRpcLogger):
-        self.rpc_logger = rpc_logger
+def for_every_rpc_kind(intercept: Callable) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors, one per RPC kind, that all run
+    `await intercept(continuation, client_call_details, request_or_iterator)`."""
+    return [
+        _UnaryUnary(intercept),
+        _UnaryStream(intercept),
+        _StreamUnary(intercept),
+        _StreamStream(intercept),
+    ]
+
+
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, intercept: Callable):
+        self.intercept = intercept
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        return await self.rpc_logger.intercept(continuation, client_call_details, request)
+        return await self.intercept(continuation, client_call_details, request)
 
 
-class _LogUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, rpc_logger: ClientRpcLogger):
-        self.rpc_logger = rpc_logger
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, intercept: Callable):
+        self.intercept = intercept
 
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        return await self.rpc_logger.intercept(continuation, client_call_details, request)
+        return await self.intercept(continuation, client_call_details, request)
 
 
-class _LogStreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, rpc_logger: ClientRpcLogger):
-        self.rpc_logger = rpc_logger
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, intercept: Callable):
+        self.intercept = intercept
 
     async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
-        return await self.rpc_logger.intercept(continuation, client_call_details, request_iterator)
+        return await self.intercept(continuation, client_call_details, request_iterator)
 
 
-class _LogStreamStream(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, rpc_logger: ClientRpcLogger):
-        self.rpc_logger = rpc_logger
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, intercept: Callable):
+        self.intercept = intercept
 
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        return await self.rpc_logger.intercept(continuation, client_call_details, request_iterator)
+        return await self.intercept(continuation, client_call_details, request_iterator)
