@@ -15,9 +15,9 @@ import sys
 from collections.abc import AsyncIterator
 
 import grpc
-from interceptors import ClientRpcLogger
 
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
+from interceptors import ClientRpcLogger
 
 # Every call has a deadline: a client that waits forever for a stuck server is a bug.
 # Each command has its own default, since a stream takes longer than one reply.

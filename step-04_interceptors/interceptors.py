@@ -58,10 +58,17 @@ def status_of(context: grpc.aio.ServicerContext, error: BaseException | None) ->
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
 
 
-def log_rpc(log: logging.Logger, method: str, peer: str, code: grpc.StatusCode, started: float,
-            error: BaseException | None = None) -> None:  # fmt: skip
+def log_rpc(
+    log: logging.Logger,
+    method: str,
+    peer: str,
+    code: grpc.StatusCode,
+    started: float,
+    error: BaseException | None = None,
+) -> None:
     duration_ms = (time.monotonic() - started) * 1000
-    unexpected = error is not None and code == grpc.StatusCode.UNKNOWN
+    # A handler bug: keep its traceback in the server's log (the client never sees it).
+    traceback_of = error if error is not None and code == grpc.StatusCode.UNKNOWN else None
     log.log(
         logging.WARNING if code in SERVER_FAULTS else logging.INFO,
         "%s code=%s peer=%s duration=%.1fms",
@@ -76,9 +83,7 @@ def log_rpc(log: logging.Logger, method: str, peer: str, code: grpc.StatusCode, 
             "rpc_code": code.name,
             "rpc_duration_ms": duration_ms,
         },
-        exc_info=error
-        if unexpected
-        else None,  # a handler bug: keep its traceback, server side only
+        exc_info=traceback_of,
     )
 
 
@@ -91,37 +96,47 @@ class ServerRpcLogger(grpc.aio.ServerInterceptor):
         if handler is None:
             return None  # unknown method: gRPC answers UNIMPLEMENTED
         method = handler_call_details.method
+        return wrap_handler(
+            handler, lambda behaviour, streaming: logged(method, behaviour, streaming)
+        )
 
-        def logged(behaviour: Behaviour, response_streaming: bool) -> Behaviour:
-            if response_streaming:
 
-                async def stream(request, context):
-                    # The peer is read up front: once a call has ended, grpc.aio forgets it.
-                    started, peer, error = time.monotonic(), context.peer(), None
-                    try:
-                        async for reply in behaviour(request, context):
-                            yield reply
-                    except BaseException as err:
-                        error = err
-                        raise
-                    finally:
-                        log_rpc(server_log, method, peer, status_of(context, error), started, error)
+def logged(method: str, behaviour: Behaviour, response_streaming: bool) -> Behaviour:
+    """`behaviour`, logging its RPC when it ends. The peer is read up front: once a call has
+    ended, grpc.aio forgets it."""
 
-                return stream
+    def write_line(context, peer: str, started: float, error: BaseException | None) -> None:
+        log_rpc(
+            server_log,
+            method,
+            peer,
+            status_of(context, error),
+            started,
+            error,
+        )
 
-            async def unary(request, context):
-                started, peer, error = time.monotonic(), context.peer(), None
-                try:
-                    return await behaviour(request, context)
-                except BaseException as err:
-                    error = err
-                    raise
-                finally:
-                    log_rpc(server_log, method, peer, status_of(context, error), started, error)
+    async def unary(request, context):
+        started, peer, error = time.monotonic(), context.peer(), None
+        try:
+            return await behaviour(request, context)
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            write_line(context, peer, started, error)
 
-            return unary
+    async def stream(request_or_iterator, context):
+        started, peer, error = time.monotonic(), context.peer(), None
+        try:
+            async for reply in behaviour(request_or_iterator, context):
+                yield reply
+        except BaseException as err:
+            error = err
+            raise
+        finally:
+            write_line(context, peer, started, error)
 
-        return wrap_handler(handler, logged)
+    return stream if response_streaming else unary
 
 
 class ClientRpcLogger:

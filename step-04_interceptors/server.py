@@ -15,9 +15,9 @@ import sys
 from dataclasses import dataclass
 
 import grpc
-from interceptors import ServerRpcLogger
 
 from greeter.v1 import greeter_pb2_grpc
+from interceptors import ServerRpcLogger
 from service import Greeter
 
 # Requests are small (a name of at most 100 characters); anything much bigger is a mistake

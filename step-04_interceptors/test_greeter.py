@@ -11,10 +11,10 @@ import time
 
 import grpc
 import pytest
-from interceptors import ClientRpcLogger
 
 from conftest import STEP_DIR
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
+from interceptors import ClientRpcLogger
 from server import MAX_MESSAGE_BYTES, Settings, build_server, stop_when
 from service import (
     DEFAULT_STREAM_COUNT,

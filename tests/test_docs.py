@@ -3,7 +3,7 @@
 import re
 
 from tests.support.readme import console_commands, section
-from tools.processes import ServerProcess, run_script
+from tools.processes import ServerProcess, demo_environment, run_script
 from tools.steps import ROOT
 
 ROOT_README = ROOT / "README.md"
@@ -20,18 +20,19 @@ def test_step_readme_has_every_section(step):
     assert not missing, f"{step.name}/README.md lacks sections {missing}"
 
 
-def test_run_it_commands_print_what_the_readme_shows(step):
+def test_run_it_commands_print_what_the_readme_shows(step, tmp_path):
     """Each `$ python client.py ...` of "Run it", run as written against `python server.py`
-    (both pointed at a free port through the environment), prints the output shown."""
+    (both pointed at a free port through the environment, with the set-up the README asks
+    for), prints the output shown."""
     commands = console_commands(step.path / "README.md")
     clients = [c for c in commands if c.argv[:2] == ["python", "client.py"]]
     assert clients, "the README shows no client command"
     assert ["python", "server.py"] in [c.argv[:2] for c in commands]
-    with ServerProcess(step.path) as server:
+    env = demo_environment(step.path, tmp_path)
+    with ServerProcess(step.path, env=env) as server:
         for command in clients:
-            result = run_script(
-                step.path, "client.py", *command.argv[2:], env={"GREETER_TARGET": server.address}
-            )
+            client_env = {**env, "GREETER_TARGET": server.address}
+            result = run_script(step.path, "client.py", *command.argv[2:], env=client_env)
             assert result.stdout + result.stderr == command.expected_output, command.argv
 
 

@@ -7,6 +7,7 @@ a learner does: `python server.py --port 0`, then read the `listening on HOST:PO
 import os
 import queue
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -113,3 +114,9 @@ def run_script(
         text=True,
         timeout=timeout,
     )
+
+
+def demo_environment(step_dir: Path, workdir: Path) -> dict[str, str]:
+    """The set-up a learner does by hand before running a step, done for the tour and the
+    README tests: a fresh auth token (used from step 05 on)."""
+    return {"GREETER_AUTH_TOKEN": secrets.token_urlsafe(32)}

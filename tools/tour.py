@@ -11,12 +11,13 @@ misbehaves.
 import argparse
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.processes import ServerProcess, run_script
+from tools.processes import ServerProcess, demo_environment, run_script
 from tools.steps import ROOT, Step, select_steps
 
 
@@ -69,6 +70,15 @@ TOUR: dict[int, TourEntry] = {
             demo("hello", "--name", "", "-v", fails=True),
         ),
     ),
+    5: TourEntry(
+        title="Metadata auth",
+        adds="a bearer token and x-user-id on every call, checked by a server interceptor",
+        demos=(
+            demo("hello", "--name", "Ada", "--user-id", "ada"),
+            demo("chat", "--message", "Ada", "--message", "Grace", "--user-id", "ada"),
+            demo("hello", "--name", "Ada", "--user-id", "", fails=True),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -82,9 +92,11 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
     print(f"\n{BAR}\nStep {step.label} · {entry.title}\n  adds: {entry.adds}\n{BAR}", flush=True)
     ok = True
     servers: list[ServerProcess] = []
+    workdir = tempfile.TemporaryDirectory(prefix=f"tour-{step.label}-")
+    env = demo_environment(step.path, Path(workdir.name))
     try:
         for extra in entry.servers:
-            server = ServerProcess(step.path, *extra)
+            server = ServerProcess(step.path, *extra, env=env)
             servers.append(server)
             print(f"$ python server.py --port 0 {shlex.join(extra)}".rstrip())
             print(f"    listening on {server.address}", flush=True)
@@ -92,7 +104,7 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
         for d in entry.demos:
             args = [a.replace("{target}", target) for a in d.args]
             print(f"$ python client.py {shlex.join(args)}", flush=True)
-            result = run_script(step.path, "client.py", *args, timeout=60)
+            result = run_script(step.path, "client.py", *args, timeout=60, env=env)
             print(indent(result.stdout + result.stderr), end="")
             if (result.returncode != 0) != d.fails:
                 expected = "an error" if d.fails else "success"
@@ -109,6 +121,7 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             if code != 0:
                 print(f"  ✗ server exited with {code}, expected 0")
                 ok = False
+        workdir.cleanup()
     print(f"{'✓' if ok else '✗'} step {step.label}", flush=True)
     return ok
 

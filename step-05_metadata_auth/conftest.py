@@ -1,0 +1,80 @@
+"""Fixtures of this step: an in-process server for fast RPC tests, and the real
+`python server.py` process for tests of the command line and of signals."""
+
+import secrets
+from pathlib import Path
+
+import grpc
+import pytest
+
+from auth import TOKEN_VARIABLE, client_auth_interceptors
+from greeter.v1 import greeter_pb2_grpc
+from server import Settings, build_server
+from tools.processes import ServerProcess
+
+STEP_DIR = Path(__file__).parent
+# Streams in tests: replies 20 ms apart instead of 500 ms keep the tests fast.
+FAST_STREAM_INTERVAL = 0.02
+# A fresh secret per test run, as a deployment would have: nothing to leak from the repo.
+TEST_TOKEN = secrets.token_urlsafe(32)
+TEST_USER = "ada"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def token_in_the_environment():
+    """Server and client processes read the token from the environment, as a learner's do."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TOKEN_VARIABLE, TEST_TOKEN)
+        yield
+
+
+def open_channel(
+    address: str, *, token: str | None = TEST_TOKEN, user_id: str = TEST_USER, interceptors=()
+) -> grpc.aio.Channel:
+    """A channel whose calls carry `token` and `user_id` (the client's auth interceptors),
+    after any other `interceptors`."""
+    return grpc.aio.insecure_channel(
+        address, interceptors=[*interceptors, *client_auth_interceptors(token, user_id)]
+    )
+
+
+@pytest.fixture
+async def start_server():
+    """Start real gRPC servers (this step's wiring) on free loopback ports, in the test's
+    loop: `address = await start_server(stream_interval=0.1)`. Stopped after the test."""
+    servers = []
+
+    async def start(**settings) -> str:
+        server, port = build_server(
+            Settings(host="127.0.0.1", port=0, token=TEST_TOKEN, **settings)
+        )
+        await server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        await server.stop(None)
+
+
+@pytest.fixture
+async def server_address(start_server):
+    return await start_server(stream_interval=FAST_STREAM_INTERVAL)
+
+
+@pytest.fixture
+async def channel(server_address):
+    async with open_channel(server_address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel):
+    return greeter_pb2_grpc.GreeterStub(channel)
+
+
+@pytest.fixture
+def server_process():
+    """`python server.py --port 0` as a learner runs it."""
+    with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
+        yield process
