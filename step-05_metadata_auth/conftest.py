@@ -28,14 +28,22 @@ def token_in_the_environment():
         yield
 
 
+def server_settings(**overrides) -> Settings:
+    """Server settings for tests: loopback, a free port, the test token."""
+    return Settings(**{"host": "127.0.0.1", "port": 0, "token": TEST_TOKEN, **overrides})
+
+
+def raw_channel(address: str, interceptors=()) -> grpc.aio.Channel:
+    """A channel that adds no credentials: calls carry only the metadata they are given."""
+    return grpc.aio.insecure_channel(address, interceptors=interceptors)
+
+
 def open_channel(
     address: str, *, token: str | None = TEST_TOKEN, user_id: str = TEST_USER, interceptors=()
 ) -> grpc.aio.Channel:
     """A channel whose calls carry `token` and `user_id` (the client's auth interceptors),
     after any other `interceptors`."""
-    return grpc.aio.insecure_channel(
-        address, interceptors=[*interceptors, *client_auth_interceptors(token, user_id)]
-    )
+    return raw_channel(address, [*interceptors, *client_auth_interceptors(token, user_id)])
 
 
 @pytest.fixture
@@ -45,9 +53,7 @@ async def start_server():
     servers = []
 
     async def start(**settings) -> str:
-        server, port = build_server(
-            Settings(host="127.0.0.1", port=0, token=TEST_TOKEN, **settings)
-        )
+        server, port = build_server(server_settings(**settings))
         await server.start()
         servers.append(server)
         return f"127.0.0.1:{port}"

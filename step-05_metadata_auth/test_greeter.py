@@ -15,10 +15,10 @@ import pytest
 
 from auth import MAX_USER_ID_LENGTH
 from caller import current_user_id
-from conftest import STEP_DIR, TEST_TOKEN, TEST_USER, open_channel
+from conftest import STEP_DIR, TEST_TOKEN, TEST_USER, open_channel, raw_channel, server_settings
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from interceptors import ClientRpcLogger
-from server import MAX_MESSAGE_BYTES, Settings, build_server, stop_when
+from server import MAX_MESSAGE_BYTES, build_server, stop_when
 from service import (
     DEFAULT_STREAM_COUNT,
     MAX_CHAT_MESSAGES,
@@ -405,9 +405,7 @@ class BrokenGreeter(Greeter):
 
 async def test_a_failing_handler_is_logged_with_its_traceback(caplog):
     caplog.set_level(logging.INFO, logger="greeter.rpc")
-    server, port = build_server(
-        Settings(host="127.0.0.1", port=0, token=TEST_TOKEN), BrokenGreeter()
-    )
+    server, port = build_server(server_settings(), BrokenGreeter())
     await server.start()
     try:
         async with open_channel(f"127.0.0.1:{port}") as channel:
@@ -502,8 +500,8 @@ BAD_CREDENTIALS = {
 async def test_every_rpc_kind_rejects_bad_credentials(server_address, caplog, method, case):
     caplog.set_level(logging.INFO)
     metadata, expected = BAD_CREDENTIALS[case]
-    async with grpc.aio.insecure_channel(server_address) as raw_channel:  # no auth interceptor
-        error = await rpc_error(call_with(raw_channel, method, metadata))
+    async with raw_channel(server_address) as channel:  # no auth interceptor
+        error = await rpc_error(call_with(channel, method, metadata))
     assert error.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error.details() == expected
     assert TEST_TOKEN[:8] not in caplog.text, "a token reached the logs"
@@ -514,15 +512,15 @@ async def test_every_rpc_kind_rejects_bad_credentials(server_address, caplog, me
 
 @pytest.mark.parametrize("method", METHODS)
 async def test_every_rpc_kind_accepts_the_right_token(server_address, method):
-    async with grpc.aio.insecure_channel(server_address) as raw_channel:
+    async with raw_channel(server_address) as channel:
         metadata = (("authorization", f"Bearer {TEST_TOKEN}"), USER)
-        assert (await call_with(raw_channel, method, metadata)).startswith("Hello, Ada!")
+        assert (await call_with(channel, method, metadata)).startswith("Hello, Ada!")
 
 
 async def test_the_bearer_scheme_is_case_insensitive(server_address):
-    async with grpc.aio.insecure_channel(server_address) as raw_channel:
+    async with raw_channel(server_address) as channel:
         metadata = (("authorization", f"bearer {TEST_TOKEN}"), USER)
-        assert await call_with(raw_channel, "SayHello", metadata) == "Hello, Ada!"
+        assert await call_with(channel, "SayHello", metadata) == "Hello, Ada!"
 
 
 async def ping_pong(stub):
@@ -586,9 +584,7 @@ class WhoAmIGreeter(Greeter):
 
 
 async def test_handlers_know_the_authenticated_user():
-    server, port = build_server(
-        Settings(host="127.0.0.1", port=0, token=TEST_TOKEN), WhoAmIGreeter()
-    )
+    server, port = build_server(server_settings(), WhoAmIGreeter())
     await server.start()
     try:
         async with open_channel(f"127.0.0.1:{port}", user_id="grace") as channel:
@@ -671,7 +667,7 @@ class GatedGreeter(Greeter):
 
 async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
     greeter = GatedGreeter()
-    server, port = build_server(Settings(host="127.0.0.1", port=0, token=TEST_TOKEN), greeter)
+    server, port = build_server(server_settings(), greeter)
     await server.start()
     address = f"127.0.0.1:{port}"
     stop = asyncio.Event()
