@@ -2,6 +2,7 @@
 
 import ast
 import importlib.metadata
+import subprocess
 import sys
 
 from tools.codegen import is_generated
@@ -72,3 +73,14 @@ def test_generated_code_is_only_under_the_proto_packages(step):
     for path in step.path.rglob("*"):
         if is_generated(path.name):
             assert path.relative_to(step.path).parts[0] != "protos"
+
+
+def test_no_key_or_certificate_is_committed():
+    """Keys and certificates are made on each machine (gen_certs.sh), never committed."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    secret_like = [
+        name for name in tracked.splitlines() if name.endswith((".key", ".crt", ".pem", ".srl"))
+    ]
+    assert not secret_like

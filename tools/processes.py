@@ -116,7 +116,24 @@ def run_script(
     )
 
 
+def make_certificates(step_dir: Path, out_dir: Path) -> dict[str, str]:
+    """Run the step's ./gen_certs.sh into out_dir, as a learner does (it needs openssl);
+    returns the environment that points the server and the client at the files."""
+    subprocess.run(
+        ["bash", str(step_dir / "gen_certs.sh"), str(out_dir)], check=True, capture_output=True
+    )
+    return {
+        "GREETER_TLS_CERT": str(out_dir / "server.crt"),
+        "GREETER_TLS_KEY": str(out_dir / "server.key"),
+        "GREETER_TLS_CA": str(out_dir / "ca.crt"),
+    }
+
+
 def demo_environment(step_dir: Path, workdir: Path) -> dict[str, str]:
     """The set-up a learner does by hand before running a step, done for the tour and the
-    README tests: a fresh auth token (used from step 05 on)."""
-    return {"GREETER_AUTH_TOKEN": secrets.token_urlsafe(32)}
+    README tests: a fresh auth token (used from step 05 on) and, for a step with
+    gen_certs.sh (06 on), certificates in workdir."""
+    env = {"GREETER_AUTH_TOKEN": secrets.token_urlsafe(32)}
+    if (step_dir / "gen_certs.sh").exists():
+        env |= make_certificates(step_dir, workdir / "certs")
+    return env

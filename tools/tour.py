@@ -23,7 +23,9 @@ from tools.steps import ROOT, Step, select_steps
 
 @dataclass(frozen=True)
 class Demo:
-    args: tuple[str, ...]  # client.py arguments; "{target}" is replaced by the server address
+    # client.py arguments; "{target}" becomes the server address, "{certs}" the directory of
+    # the certificates made for the tour (steps 06 on).
+    args: tuple[str, ...]
     fails: bool = False  # a demo of an error: it must exit non-zero
 
 
@@ -79,6 +81,15 @@ TOUR: dict[int, TourEntry] = {
             demo("hello", "--name", "Ada", "--user-id", "", fails=True),
         ),
     ),
+    6: TourEntry(
+        title="TLS and mutual TLS",
+        adds="TLS only: the client verifies the server against its CA (certificates from gen_certs.sh)",
+        demos=(
+            demo("hello", "--name", "Ada", "--user-id", "ada"),
+            demo("stream", "--name", "Ada", "--count", "2", "--user-id", "ada"),
+            demo("hello", "--name", "Ada", "--ca", "{certs}/client.crt", fails=True),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -102,7 +113,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             print(f"    listening on {server.address}", flush=True)
         target = servers[0].address if servers else ""
         for d in entry.demos:
-            args = [a.replace("{target}", target) for a in d.args]
+            certs = str(Path(workdir.name) / "certs")
+            args = [a.replace("{target}", target).replace("{certs}", certs) for a in d.args]
             print(f"$ python client.py {shlex.join(args)}", flush=True)
             result = run_script(step.path, "client.py", *args, timeout=60, env=env)
             print(indent(result.stdout + result.stderr), end="")
