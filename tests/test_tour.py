@@ -13,6 +13,7 @@ KEY_LINES = {
     4: "INFO greeter.rpc: /greeter.v1.Greeter/SayHello code=INVALID_ARGUMENT peer=ipv4:127.0.0.1:",
     5: "error: UNAUTHENTICATED: invalid x-user-id: 1 to 64 printable characters",
     6: "CERTIFICATE_VERIFY_FAILED",
+    7: '"status": "SERVING"',
 }
 
 

@@ -10,6 +10,7 @@ misbehaves.
 
 import argparse
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,10 +24,11 @@ from tools.steps import ROOT, Step, select_steps
 
 @dataclass(frozen=True)
 class Demo:
-    # client.py arguments; "{target}" becomes the server address, "{certs}" the directory of
-    # the certificates made for the tour (steps 06 on).
+    # The program's arguments; "{target}" becomes the server address, "{certs}" the
+    # directory of the certificates made for the tour (steps 06 on).
     args: tuple[str, ...]
     fails: bool = False  # a demo of an error: it must exit non-zero
+    program: str = "client.py"  # or "grpcurl" (the binary installed in the virtual env)
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,12 @@ class TourEntry:
 
 def demo(*args: str, fails: bool = False) -> Demo:
     return Demo(args=(*args, "--target", "{target}"), fails=fails)
+
+
+def grpcurl(*args: str, data: str | None = None) -> Demo:
+    """`grpcurl [-d data] SERVER args...`, trusting the tour's CA."""
+    flags = ("-cacert", "{certs}/ca.crt", *(("-d", data) if data else ()))
+    return Demo(args=(*flags, "{target}", *args), program="grpcurl")
 
 
 TOUR: dict[int, TourEntry] = {
@@ -90,6 +98,16 @@ TOUR: dict[int, TourEntry] = {
             demo("hello", "--name", "Ada", "--ca", "{certs}/client.crt", fails=True),
         ),
     ),
+    7: TourEntry(
+        title="Reflection and health",
+        adds="grpcurl lists and describes the API; health checks for probes; NOT_SERVING before shutdown",
+        demos=(
+            grpcurl("list"),
+            grpcurl("describe", "greeter.v1.Greeter"),
+            grpcurl("grpc.health.v1.Health/Check", data='{"service": "greeter.v1.Greeter"}'),
+            demo("hello", "--name", "Ada", "--user-id", "ada"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -115,8 +133,15 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
         for d in entry.demos:
             certs = str(Path(workdir.name) / "certs")
             args = [a.replace("{target}", target).replace("{certs}", certs) for a in d.args]
-            print(f"$ python client.py {shlex.join(args)}", flush=True)
-            result = run_script(step.path, "client.py", *args, timeout=60, env=env)
+            if d.program == "grpcurl":
+                print(f"$ grpcurl {shlex.join(args)}", flush=True)
+                grpcurl_binary = str(Path(sys.executable).with_name("grpcurl"))
+                result = subprocess.run(
+                    [grpcurl_binary, *args], capture_output=True, text=True, timeout=60
+                )
+            else:
+                print(f"$ python client.py {shlex.join(args)}", flush=True)
+                result = run_script(step.path, "client.py", *args, timeout=60, env=env)
             print(indent(result.stdout + result.stderr), end="")
             if (result.returncode != 0) != d.fails:
                 expected = "an error" if d.fails else "success"

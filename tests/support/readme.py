@@ -27,6 +27,7 @@ def what_changed(readme: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ConsoleCommand:
+    line: str  # the command as written, for a shell
     argv: list[str]
     expected_output: str  # the lines the README shows under the command, "\n"-terminated
 
@@ -37,5 +38,5 @@ def console_commands(readme: Path, title: str = "Run it") -> list[ConsoleCommand
     for block in CONSOLE_BLOCK.findall(section(readme, title)):
         for chunk in re.split(r"^\$ ", block, flags=re.MULTILINE)[1:]:
             command, _, output = chunk.partition("\n")
-            commands.append(ConsoleCommand(shlex.split(command), output))
+            commands.append(ConsoleCommand(command, shlex.split(command), output))
     return commands

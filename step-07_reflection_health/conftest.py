@@ -1,0 +1,127 @@
+"""Fixtures of this step: an in-process server for fast RPC tests, and the real
+`python server.py` process for tests of the command line and of signals."""
+
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+
+import grpc
+import pytest
+
+from auth import TOKEN_VARIABLE, client_auth_interceptors
+from greeter.v1 import greeter_pb2_grpc
+from health import HealthService
+from server import GREETER_SERVICE, Settings, build_server
+from tests.support.helpers import require_binary
+from tls import channel_credentials
+from tools.processes import ServerProcess, make_certificates
+
+STEP_DIR = Path(__file__).parent
+# Streams in tests: replies 20 ms apart instead of 500 ms keep the tests fast.
+FAST_STREAM_INTERVAL = 0.02
+# A fresh secret per test run, as a deployment would have: nothing to leak from the repo.
+TEST_TOKEN = secrets.token_urlsafe(32)
+TEST_USER = "ada"
+# Fresh keys and certificates per test run, made by ./gen_certs.sh (session fixture below).
+CERTS = Path(tempfile.mkdtemp(prefix="greeter-certs-"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def secrets_in_the_environment():
+    """A fresh token, and certificates made by ./gen_certs.sh as a learner makes them. Server
+    and client processes read both from the environment, as a learner's do."""
+    require_binary(
+        "openssl", "sudo apt-get install openssl (Debian/Ubuntu), brew install openssl (macOS)"
+    )
+    tls_environment = make_certificates(STEP_DIR, CERTS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TOKEN_VARIABLE, TEST_TOKEN)
+        for name, value in tls_environment.items():
+            patch.setenv(name, value)
+        yield
+    shutil.rmtree(CERTS)
+
+
+@pytest.fixture(scope="session")
+def other_certs(tmp_path_factory) -> Path:
+    """A second, unrelated CA with its own server and client certificates."""
+    directory = tmp_path_factory.mktemp("other-certs")
+    make_certificates(STEP_DIR, directory)
+    return directory
+
+
+def server_settings(**overrides) -> Settings:
+    """Server settings for tests: loopback, a free port, the test token, TLS."""
+    return Settings(
+        **{
+            "host": "127.0.0.1",
+            "port": 0,
+            "token": TEST_TOKEN,
+            "tls_cert": str(CERTS / "server.crt"),
+            "tls_key": str(CERTS / "server.key"),
+            **overrides,
+        }
+    )
+
+
+def raw_channel(address: str, interceptors=(), *, options=(), **tls) -> grpc.aio.Channel:
+    """A TLS channel that trusts the test CA and adds no credentials: calls carry only the
+    metadata they are given. `tls`: other `ca`, `cert` and `key` files (mutual TLS)."""
+    credentials = channel_credentials(**{"ca": str(CERTS / "ca.crt"), **tls})
+    return grpc.aio.secure_channel(address, credentials, options=options, interceptors=interceptors)
+
+
+def open_channel(
+    address: str,
+    *,
+    token: str | None = TEST_TOKEN,
+    user_id: str = TEST_USER,
+    interceptors=(),
+    **tls,
+) -> grpc.aio.Channel:
+    """A channel whose calls carry `token` and `user_id` (the client's auth interceptors),
+    after any other `interceptors`; `tls` as for raw_channel."""
+    return raw_channel(address, [*interceptors, *client_auth_interceptors(token, user_id)], **tls)
+
+
+@pytest.fixture
+async def start_server():
+    """Start real gRPC servers (this step's wiring) on free loopback ports, in the test's
+    loop: `address = await start_server(stream_interval=0.1)`. Stopped after the test."""
+    servers = []
+
+    async def start(**settings) -> str:
+        health = HealthService([GREETER_SERVICE])
+        server, port = build_server(server_settings(**settings), health=health)
+        await server.start()
+        await health.set_serving()  # ready, as serve() reports it
+        servers.append(server)
+        return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        await server.stop(None)
+
+
+@pytest.fixture
+async def server_address(start_server):
+    return await start_server(stream_interval=FAST_STREAM_INTERVAL)
+
+
+@pytest.fixture
+async def channel(server_address):
+    async with open_channel(server_address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel):
+    return greeter_pb2_grpc.GreeterStub(channel)
+
+
+@pytest.fixture
+def server_process():
+    """`python server.py --port 0` as a learner runs it."""
+    with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
+        yield process
