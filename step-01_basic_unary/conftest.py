@@ -7,7 +7,8 @@ import grpc
 import pytest
 
 from greeter.v1 import greeter_pb2_grpc
-from server import Settings, build_server
+from server import build_server
+from settings import Settings
 from tools.processes import ServerProcess
 
 STEP_DIR = Path(__file__).parent

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import STEP_DIR
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
-from server import MAX_MESSAGE_BYTES, Settings, build_server, stop_when
+from server import MAX_MESSAGE_BYTES, build_server, stop_when
 from service import (
     DEFAULT_STREAM_COUNT,
     MAX_CHAT_MESSAGES,
@@ -22,6 +22,7 @@ from service import (
     MAX_STREAM_COUNT,
     Greeter,
 )
+from settings import Settings
 from tests.support.helpers import closed_port, eventually, silent_port
 from tools.processes import ServerProcess, run_script
 

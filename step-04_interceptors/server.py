@@ -1,4 +1,5 @@
-"""Greeter server: configuration, wiring and the entry point.
+"""Greeter server: the wiring of its services and interceptors, and the entry point
+(settings.py holds the configuration).
 
     python server.py [--host 127.0.0.1] [--port 50051] [--grace 10]
 
@@ -6,19 +7,17 @@ Prints `listening on HOST:PORT` once it serves (tools and tests read the port fr
 shuts down gracefully on SIGINT/SIGTERM.
 """
 
-import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
-from dataclasses import dataclass
 
 import grpc
 
 from greeter.v1 import greeter_pb2_grpc
 from interceptors import ServerRpcLogger
 from service import Greeter
+from settings import Settings, parse_settings
 
 # Requests are small (a name of at most 100 characters); anything much bigger is a mistake
 # or an attack, so refuse it before it is read into memory. gRPC's default is 4 MiB.
@@ -27,50 +26,6 @@ MAX_MESSAGE_BYTES = 4 * 1024
 MAX_CONCURRENT_RPCS = 256
 
 log = logging.getLogger("greeter.server")
-
-
-@dataclass(frozen=True)
-class Settings:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    grace: float = 10.0  # seconds in-flight calls get to finish on shutdown
-    stream_interval: float = 0.5  # seconds between two replies of StreamGreetings
-
-
-def port_number(text: str) -> int:
-    port = int(text)
-    if not 0 <= port <= 65535:
-        raise ValueError(text)
-    return port
-
-
-def parse_settings(argv: list[str] | None = None) -> Settings:
-    # Flags win over environment variables, which win over the defaults. argparse converts
-    # string defaults with `type`, so a bad environment value gets the same clear error.
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description="Greeter gRPC server")
-    parser.add_argument(
-        "--host", default=env("GREETER_HOST", Settings.host), help="address to bind (GREETER_HOST)"
-    )
-    parser.add_argument(
-        "--port",
-        type=port_number,
-        default=env("GREETER_PORT", str(Settings.port)),
-        help="port to listen on, 0 picks a free one (GREETER_PORT)",
-    )
-    parser.add_argument(
-        "--grace",
-        type=float,
-        default=env("GREETER_SHUTDOWN_GRACE", str(Settings.grace)),
-        help="seconds in-flight calls get to finish on shutdown (GREETER_SHUTDOWN_GRACE)",
-    )
-    parser.add_argument(
-        "--stream-interval",
-        type=float,
-        default=env("GREETER_STREAM_INTERVAL", str(Settings.stream_interval)),
-        help="seconds between two replies of StreamGreetings (GREETER_STREAM_INTERVAL)",
-    )
-    return Settings(**vars(parser.parse_args(argv)))
 
 
 def host_port(host: str, port: int) -> str:

@@ -12,7 +12,8 @@ import pytest
 from auth import TOKEN_VARIABLE, client_auth_interceptors
 from greeter.v1 import greeter_pb2_grpc
 from health import HealthService
-from server import GREETER_SERVICE, Settings, build_server
+from server import GREETER_SERVICE, build_server
+from settings import Settings
 from tests.support.helpers import require_binary
 from tls import channel_credentials
 from tools.processes import ServerProcess, make_certificates
