@@ -66,14 +66,15 @@ async def stop_when(stop: asyncio.Event, server: grpc.aio.Server, grace: float) 
 
 
 async def serve(settings: Settings) -> None:
-    server, port = build_server(settings)
-    await server.start()
-    print(f"listening on {host_port(settings.host, port)}", flush=True)
-
+    # Signal handlers first: whoever reads "listening on" may send SIGTERM right away.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+
+    server, port = build_server(settings)
+    await server.start()
+    print(f"listening on {host_port(settings.host, port)}", flush=True)
     await stop_when(stop, server, settings.grace)
 
 

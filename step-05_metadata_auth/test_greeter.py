@@ -698,15 +698,20 @@ async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_server_process_stops_cleanly_on_signal(server_process, sig):
-    assert (
-        run_script(
-            STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
-        ).returncode
-        == 0
+    hello = run_script(
+        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
     )
+    assert hello.returncode == 0
     assert server_process.stop(sig) == 0
     assert "stopped" in server_process.output
     assert "Traceback" not in server_process.output
+
+
+def test_server_process_handles_a_signal_right_after_it_says_listening(server_process):
+    """The signal handlers are in place before the `listening on` line: a supervisor may
+    stop the server the moment it reads that line."""
+    assert server_process.stop() == 0
+    assert "stopped" in server_process.output
 
 
 def test_server_refuses_a_port_in_use(server_process):

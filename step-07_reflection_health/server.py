@@ -99,16 +99,17 @@ async def stop_when(
 
 
 async def serve(settings: Settings) -> None:
+    # Signal handlers first: whoever reads "listening on" may send SIGTERM right away.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
     health = HealthService([GREETER_SERVICE])
     server, port = build_server(settings, health=health)
     await server.start()
     await health.set_serving()
     print(f"listening on {host_port(settings.host, port)}", flush=True)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     await stop_when(stop, server, settings.grace, health, settings.drain_delay)
 
 
