@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from conftest import STEP_DIR
+from conftest import STEP_DIR, run_client
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from server import MAX_MESSAGE_BYTES, build_server, stop_when
 from service import DEFAULT_STREAM_COUNT, MAX_NAME_LENGTH, MAX_STREAM_COUNT, Greeter
@@ -205,9 +205,7 @@ async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_server_process_stops_cleanly_on_signal(server_process, sig):
-    hello = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
-    )
+    hello = run_client("hello", "--name", "Ada", "--target", server_process.address)
     assert hello.returncode == 0
     assert server_process.stop(sig) == 0
     assert "stopped" in server_process.output
@@ -239,16 +237,12 @@ def test_server_rejects_a_bad_port_setting():
 
 
 def test_client_prints_the_reply(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
-    )
+    result = run_client("hello", "--name", "Ada", "--target", server_process.address)
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
 
 
 def test_client_reports_an_rpc_error_in_one_line(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "", "--target", server_process.address
-    )
+    result = run_client("hello", "--name", "", "--target", server_process.address)
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
@@ -256,7 +250,7 @@ def test_client_reports_an_rpc_error_in_one_line(server_process):
 
 def test_client_reports_a_server_that_is_down():
     with closed_port() as address:
-        result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", address)
+        result = run_client("hello", "--name", "Ada", "--target", address)
     assert result.returncode == 1
     assert result.stderr.startswith("error: UNAVAILABLE: ")
     assert result.stderr.count("\n") == 1, "one line, no traceback"
@@ -264,17 +258,8 @@ def test_client_reports_a_server_that_is_down():
 
 def test_client_gives_up_on_a_stuck_server_at_its_deadline():
     with silent_port() as address:
-        result = run_script(
-            STEP_DIR,
-            "client.py",
-            "hello",
-            "--name",
-            "Ada",
-            "--target",
-            address,
-            "--timeout",
-            "0.5",
-            timeout=10,
+        result = run_client(
+            "hello", "--name", "Ada", "--target", address, "--timeout", "0.5", timeout=10
         )
     assert result.returncode == 1
     assert result.stderr.startswith("error: DEADLINE_EXCEEDED: ")
@@ -310,16 +295,8 @@ def test_client_prints_stream_replies_as_they_arrive():
 
 
 def test_client_reports_a_stream_error_in_one_line(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
-        "stream",
-        "--name",
-        "Ada",
-        "--count",
-        "11",
-        "--target",
-        server_process.address,
+    result = run_client(
+        "stream", "--name", "Ada", "--count", "11", "--target", server_process.address
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: count must be between 1 and 10")
@@ -327,12 +304,5 @@ def test_client_reports_a_stream_error_in_one_line(server_process):
 
 
 def test_client_uses_the_target_from_the_environment(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
-        "hello",
-        "--name",
-        "Ada",
-        env={"GREETER_TARGET": server_process.address},
-    )
+    result = run_client("hello", "--name", "Ada", env={"GREETER_TARGET": server_process.address})
     assert result.stdout == "Hello, Ada!\n"

@@ -1,6 +1,7 @@
 """Fixtures of this step: an in-process server for fast RPC tests, and the real
 `python server.py` process for tests of the command line and of signals."""
 
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -9,7 +10,7 @@ import pytest
 from greeter.v1 import greeter_pb2_grpc
 from server import build_server
 from settings import Settings
-from tools.processes import ServerProcess
+from tools.processes import ServerProcess, run_script
 
 STEP_DIR = Path(__file__).parent
 # Streams in tests: replies 20 ms apart instead of 500 ms keep the tests fast.
@@ -47,6 +48,11 @@ async def channel(server_address):
 @pytest.fixture
 def stub(channel):
     return greeter_pb2_grpc.GreeterStub(channel)
+
+
+def run_client(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    """`python client.py args...` in this step's folder, as a learner runs it."""
+    return run_script(STEP_DIR, "client.py", *args, **kwargs)
 
 
 @pytest.fixture

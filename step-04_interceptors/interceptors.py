@@ -106,14 +106,7 @@ def logged(method: str, behaviour: Behaviour, response_streaming: bool) -> Behav
     ended, grpc.aio forgets it."""
 
     def write_line(context, peer: str, started: float, error: BaseException | None) -> None:
-        log_rpc(
-            server_log,
-            method,
-            peer,
-            status_of(context, error),
-            started,
-            error,
-        )
+        log_rpc(server_log, method, peer, status_of(context, error), started, error)
 
     async def unary(request, context):
         started, peer, error = time.monotonic(), context.peer(), None

@@ -2,6 +2,7 @@
 `python server.py` process for tests of the command line and of signals."""
 
 import secrets
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -11,7 +12,7 @@ from auth import TOKEN_VARIABLE, client_auth_interceptors
 from greeter.v1 import greeter_pb2_grpc
 from server import build_server
 from settings import Settings
-from tools.processes import ServerProcess
+from tools.processes import ServerProcess, run_script
 
 STEP_DIR = Path(__file__).parent
 # Streams in tests: replies 20 ms apart instead of 500 ms keep the tests fast.
@@ -78,6 +79,11 @@ async def channel(server_address):
 @pytest.fixture
 def stub(channel):
     return greeter_pb2_grpc.GreeterStub(channel)
+
+
+def run_client(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    """`python client.py args...` in this step's folder, as a learner runs it."""
+    return run_script(STEP_DIR, "client.py", *args, **kwargs)
 
 
 @pytest.fixture

@@ -15,7 +15,15 @@ import pytest
 
 from auth import MAX_USER_ID_LENGTH
 from caller import current_user_id
-from conftest import STEP_DIR, TEST_TOKEN, TEST_USER, open_channel, raw_channel, server_settings
+from conftest import (
+    STEP_DIR,
+    TEST_TOKEN,
+    TEST_USER,
+    open_channel,
+    raw_channel,
+    run_client,
+    server_settings,
+)
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from interceptors import ClientRpcLogger
 from server import MAX_MESSAGE_BYTES, build_server, stop_when
@@ -424,9 +432,7 @@ async def test_a_failing_handler_is_logged_with_its_traceback(caplog):
 
 
 def test_server_process_logs_each_rpc_and_the_client_logs_with_verbose(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address, "-v"
-    )
+    result = run_client("hello", "--name", "Ada", "--target", server_process.address, "-v")
     assert result.stdout == "Hello, Ada!\n"
     assert (
         f"INFO greeter.client: /greeter.v1.Greeter/SayHello code=OK peer={server_process.address}"
@@ -632,14 +638,14 @@ def test_server_refuses_to_start_without_a_proper_token(token, problem):
 
 
 def test_client_without_a_token_gets_one_clear_line(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address,
+    result = run_client("hello", "--name", "Ada", "--target", server_process.address,
                         env={"GREETER_AUTH_TOKEN": ""})  # fmt: skip
     assert result.returncode == 1
     assert result.stderr == f"error: UNAUTHENTICATED: {MISSING_TOKEN}\n"
 
 
 def test_client_sends_its_user_id_and_the_server_logs_it(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--user-id", "grace",
+    result = run_client("hello", "--name", "Ada", "--user-id", "grace",
                         "--target", server_process.address)  # fmt: skip
     assert result.stdout == "Hello, Ada!\n"
     server_process.stop()
@@ -698,9 +704,7 @@ async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_server_process_stops_cleanly_on_signal(server_process, sig):
-    hello = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
-    )
+    hello = run_client("hello", "--name", "Ada", "--target", server_process.address)
     assert hello.returncode == 0
     assert server_process.stop(sig) == 0
     assert "stopped" in server_process.output
@@ -732,16 +736,12 @@ def test_server_rejects_a_bad_port_setting():
 
 
 def test_client_prints_the_reply(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
-    )
+    result = run_client("hello", "--name", "Ada", "--target", server_process.address)
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
 
 
 def test_client_reports_an_rpc_error_in_one_line(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "", "--target", server_process.address
-    )
+    result = run_client("hello", "--name", "", "--target", server_process.address)
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
@@ -749,7 +749,7 @@ def test_client_reports_an_rpc_error_in_one_line(server_process):
 
 def test_client_reports_a_server_that_is_down():
     with closed_port() as address:
-        result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", address)
+        result = run_client("hello", "--name", "Ada", "--target", address)
     assert result.returncode == 1
     assert result.stderr.startswith("error: UNAVAILABLE: ")
     assert result.stderr.count("\n") == 1, "one line, no traceback"
@@ -757,17 +757,8 @@ def test_client_reports_a_server_that_is_down():
 
 def test_client_gives_up_on_a_stuck_server_at_its_deadline():
     with silent_port() as address:
-        result = run_script(
-            STEP_DIR,
-            "client.py",
-            "hello",
-            "--name",
-            "Ada",
-            "--target",
-            address,
-            "--timeout",
-            "0.5",
-            timeout=10,
+        result = run_client(
+            "hello", "--name", "Ada", "--target", address, "--timeout", "0.5", timeout=10
         )
     assert result.returncode == 1
     assert result.stderr.startswith("error: DEADLINE_EXCEEDED: ")
@@ -803,16 +794,8 @@ def test_client_prints_stream_replies_as_they_arrive():
 
 
 def test_client_reports_a_stream_error_in_one_line(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
-        "stream",
-        "--name",
-        "Ada",
-        "--count",
-        "11",
-        "--target",
-        server_process.address,
+    result = run_client(
+        "stream", "--name", "Ada", "--count", "11", "--target", server_process.address
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: count must be between 1 and 10")
@@ -820,16 +803,8 @@ def test_client_reports_a_stream_error_in_one_line(server_process):
 
 
 def test_client_chats_with_each_message_option(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
-        "chat",
-        "--message",
-        "Ada",
-        "--message",
-        "Grace",
-        "--target",
-        server_process.address,
+    result = run_client(
+        "chat", "--message", "Ada", "--message", "Grace", "--target", server_process.address
     )
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
@@ -839,9 +814,7 @@ def test_client_chats_with_each_message_option(server_process):
 
 
 def test_client_chats_line_by_line_from_stdin(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "chat", "--target", server_process.address, input="Ada\n\nGrace\n"
-    )
+    result = run_client("chat", "--target", server_process.address, input="Ada\n\nGrace\n")
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
         "Hello, Ada!\nHello, Grace!\n",
@@ -850,9 +823,7 @@ def test_client_chats_line_by_line_from_stdin(server_process):
 
 
 def test_client_reports_a_chat_error_in_one_line(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
+    result = run_client(
         "chat",
         "--message",
         "Ada",
@@ -871,12 +842,5 @@ def test_client_reports_a_chat_error_in_one_line(server_process):
 
 
 def test_client_uses_the_target_from_the_environment(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
-        "hello",
-        "--name",
-        "Ada",
-        env={"GREETER_TARGET": server_process.address},
-    )
+    result = run_client("hello", "--name", "Ada", env={"GREETER_TARGET": server_process.address})
     assert result.stdout == "Hello, Ada!\n"

@@ -22,6 +22,7 @@ from conftest import (
     TEST_USER,
     open_channel,
     raw_channel,
+    run_client,
     server_settings,
 )
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
@@ -434,9 +435,7 @@ async def test_a_failing_handler_is_logged_with_its_traceback(caplog):
 
 
 def test_server_process_logs_each_rpc_and_the_client_logs_with_verbose(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address, "-v"
-    )
+    result = run_client("hello", "--name", "Ada", "--target", server_process.address, "-v")
     assert result.stdout == "Hello, Ada!\n"
     assert (
         f"INFO greeter.client: /greeter.v1.Greeter/SayHello code=OK peer={server_process.address}"
@@ -642,14 +641,14 @@ def test_server_refuses_to_start_without_a_proper_token(token, problem):
 
 
 def test_client_without_a_token_gets_one_clear_line(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address,
+    result = run_client("hello", "--name", "Ada", "--target", server_process.address,
                         env={"GREETER_AUTH_TOKEN": ""})  # fmt: skip
     assert result.returncode == 1
     assert result.stderr == f"error: UNAUTHENTICATED: {MISSING_TOKEN}\n"
 
 
 def test_client_sends_its_user_id_and_the_server_logs_it(server_process):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--user-id", "grace",
+    result = run_client("hello", "--name", "Ada", "--user-id", "grace",
                         "--target", server_process.address)  # fmt: skip
     assert result.stdout == "Hello, Ada!\n"
     server_process.stop()
@@ -773,7 +772,7 @@ async def test_mutual_tls_knows_the_calling_service(start_caller_server, caplog)
 
 
 def test_client_reports_a_tls_failure_in_one_line(server_process, other_certs):
-    result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address,
+    result = run_client("hello", "--name", "Ada", "--target", server_process.address,
                         "--ca", str(other_certs / "ca.crt"))  # fmt: skip
     assert result.returncode == 1
     assert result.stderr.startswith("error: UNAVAILABLE: ")
@@ -783,10 +782,8 @@ def test_client_reports_a_tls_failure_in_one_line(server_process, other_certs):
 
 def test_client_with_a_client_certificate_against_a_mutual_tls_server():
     with ServerProcess(STEP_DIR, env={"GREETER_TLS_CLIENT_CA": str(CERTS / "ca.crt")}) as server:
-        without = run_script(
-            STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server.address
-        )
-        with_certificate = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server.address,
+        without = run_client("hello", "--name", "Ada", "--target", server.address)
+        with_certificate = run_client("hello", "--name", "Ada", "--target", server.address,
                                       "--cert", str(CERTS / "client.crt"), "--key", str(CERTS / "client.key"))  # fmt: skip
     assert without.returncode == 1 and without.stderr.startswith("error: UNAVAILABLE: ")
     assert (with_certificate.returncode, with_certificate.stdout) == (0, "Hello, Ada!\n")
@@ -794,9 +791,7 @@ def test_client_with_a_client_certificate_against_a_mutual_tls_server():
 
 
 def test_client_without_its_ca_file_says_how_to_make_one(tmp_path):
-    result = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "Ada", "--ca", str(tmp_path / "missing.crt")
-    )
+    result = run_client("hello", "--name", "Ada", "--ca", str(tmp_path / "missing.crt"))
     assert result.returncode == 2
     assert result.stderr == (
         f"error: cannot read the CA certificate {tmp_path / 'missing.crt'}: No such file or directory; "
@@ -864,9 +859,7 @@ async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_server_process_stops_cleanly_on_signal(server_process, sig):
-    hello = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
-    )
+    hello = run_client("hello", "--name", "Ada", "--target", server_process.address)
     assert hello.returncode == 0
     assert server_process.stop(sig) == 0
     assert "stopped" in server_process.output
@@ -898,16 +891,12 @@ def test_server_rejects_a_bad_port_setting():
 
 
 def test_client_prints_the_reply(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", server_process.address
-    )
+    result = run_client("hello", "--name", "Ada", "--target", server_process.address)
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
 
 
 def test_client_reports_an_rpc_error_in_one_line(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "hello", "--name", "", "--target", server_process.address
-    )
+    result = run_client("hello", "--name", "", "--target", server_process.address)
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
@@ -915,7 +904,7 @@ def test_client_reports_an_rpc_error_in_one_line(server_process):
 
 def test_client_reports_a_server_that_is_down():
     with closed_port() as address:
-        result = run_script(STEP_DIR, "client.py", "hello", "--name", "Ada", "--target", address)
+        result = run_client("hello", "--name", "Ada", "--target", address)
     assert result.returncode == 1
     assert result.stderr.startswith("error: UNAVAILABLE: ")
     assert result.stderr.count("\n") == 1, "one line, no traceback"
@@ -923,17 +912,8 @@ def test_client_reports_a_server_that_is_down():
 
 def test_client_gives_up_on_a_stuck_server_at_its_deadline():
     with silent_port() as address:
-        result = run_script(
-            STEP_DIR,
-            "client.py",
-            "hello",
-            "--name",
-            "Ada",
-            "--target",
-            address,
-            "--timeout",
-            "0.5",
-            timeout=10,
+        result = run_client(
+            "hello", "--name", "Ada", "--target", address, "--timeout", "0.5", timeout=10
         )
     assert result.returncode == 1
     assert result.stderr.startswith("error: DEADLINE_EXCEEDED: ")
@@ -969,16 +949,8 @@ def test_client_prints_stream_replies_as_they_arrive():
 
 
 def test_client_reports_a_stream_error_in_one_line(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
-        "stream",
-        "--name",
-        "Ada",
-        "--count",
-        "11",
-        "--target",
-        server_process.address,
+    result = run_client(
+        "stream", "--name", "Ada", "--count", "11", "--target", server_process.address
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: count must be between 1 and 10")
@@ -986,16 +958,8 @@ def test_client_reports_a_stream_error_in_one_line(server_process):
 
 
 def test_client_chats_with_each_message_option(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
-        "chat",
-        "--message",
-        "Ada",
-        "--message",
-        "Grace",
-        "--target",
-        server_process.address,
+    result = run_client(
+        "chat", "--message", "Ada", "--message", "Grace", "--target", server_process.address
     )
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
@@ -1005,9 +969,7 @@ def test_client_chats_with_each_message_option(server_process):
 
 
 def test_client_chats_line_by_line_from_stdin(server_process):
-    result = run_script(
-        STEP_DIR, "client.py", "chat", "--target", server_process.address, input="Ada\n\nGrace\n"
-    )
+    result = run_client("chat", "--target", server_process.address, input="Ada\n\nGrace\n")
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
         "Hello, Ada!\nHello, Grace!\n",
@@ -1016,9 +978,7 @@ def test_client_chats_line_by_line_from_stdin(server_process):
 
 
 def test_client_reports_a_chat_error_in_one_line(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
+    result = run_client(
         "chat",
         "--message",
         "Ada",
@@ -1037,12 +997,5 @@ def test_client_reports_a_chat_error_in_one_line(server_process):
 
 
 def test_client_uses_the_target_from_the_environment(server_process):
-    result = run_script(
-        STEP_DIR,
-        "client.py",
-        "hello",
-        "--name",
-        "Ada",
-        env={"GREETER_TARGET": server_process.address},
-    )
+    result = run_client("hello", "--name", "Ada", env={"GREETER_TARGET": server_process.address})
     assert result.stdout == "Hello, Ada!\n"

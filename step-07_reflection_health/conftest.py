@@ -3,6 +3,7 @@
 
 import secrets
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from server import GREETER_SERVICE, build_server
 from settings import Settings
 from tests.support.helpers import require_binary
 from tls import channel_credentials
-from tools.processes import ServerProcess, make_certificates
+from tools.processes import ServerProcess, make_certificates, run_script
 
 STEP_DIR = Path(__file__).parent
 # Streams in tests: replies 20 ms apart instead of 500 ms keep the tests fast.
@@ -119,6 +120,11 @@ async def channel(server_address):
 @pytest.fixture
 def stub(channel):
     return greeter_pb2_grpc.GreeterStub(channel)
+
+
+def run_client(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    """`python client.py args...` in this step's folder, as a learner runs it."""
+    return run_script(STEP_DIR, "client.py", *args, **kwargs)
 
 
 @pytest.fixture
