@@ -87,6 +87,13 @@ async def chat(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> 
         print(reply.message, flush=True)
 
 
+def login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # e.g. a container user with no passwd entry and no $USER
+        return "unknown"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     env = os.environ.get
     # Shared options live on each subcommand, so they can follow it: `hello --target ...`.
@@ -119,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     common.add_argument(
         "--user-id",
-        default=env("GREETER_USER_ID", getpass.getuser()),
+        default=env("GREETER_USER_ID") or login_name(),
         help="who is calling, sent as x-user-id (GREETER_USER_ID; default: your login name)",
     )
     common.add_argument(
