@@ -11,7 +11,7 @@ KEY_LINES = {
     2: "Hello, Ada! (3/3)",
     3: "Hello, Grace!",
     4: "INFO greeter.rpc: /greeter.v1.Greeter/SayHello code=INVALID_ARGUMENT peer=ipv4:127.0.0.1:",
-    5: "error: UNAUTHENTICATED: invalid x-user-id: 1 to 64 printable characters",
+    5: "error: UNAUTHENTICATED: invalid token",
     6: "CERTIFICATE_VERIFY_FAILED",
     7: '"status": "SERVING"',
 }

@@ -29,6 +29,7 @@ class Demo:
     args: tuple[str, ...]
     fails: bool = False  # a demo of an error: it must exit non-zero
     program: str = "client.py"  # or "grpcurl" (the binary installed in the virtual env)
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for this demo only
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class TourEntry:
     servers: tuple[tuple[str, ...], ...] = field(default=((),))  # extra server.py args each
 
 
-def demo(*args: str, fails: bool = False) -> Demo:
-    return Demo(args=(*args, "--target", "{target}"), fails=fails)
+def demo(*args: str, fails: bool = False, env: dict[str, str] | None = None) -> Demo:
+    return Demo(args=(*args, "--target", "{target}"), fails=fails, env=tuple((env or {}).items()))
 
 
 def grpcurl(*args: str, data: str | None = None) -> Demo:
@@ -86,7 +87,13 @@ TOUR: dict[int, TourEntry] = {
         demos=(
             demo("hello", "--name", "Ada", "--user-id", "ada"),
             demo("chat", "--message", "Ada", "--message", "Grace", "--user-id", "ada"),
-            demo("hello", "--name", "Ada", "--user-id", "", fails=True),
+            demo(
+                "hello",
+                "--name",
+                "Ada",
+                fails=True,
+                env={"GREETER_AUTH_TOKEN": "not-the-right-token"},
+            ),
         ),
     ),
     6: TourEntry(
@@ -140,8 +147,11 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                     [grpcurl_binary, *args], capture_output=True, text=True, timeout=60
                 )
             else:
-                print(f"$ python client.py {shlex.join(args)}", flush=True)
-                result = run_script(step.path, "client.py", *args, timeout=60, env=env)
+                shown_env = "".join(f"{name}={shlex.quote(value)} " for name, value in d.env)
+                print(f"$ {shown_env}python client.py {shlex.join(args)}", flush=True)
+                result = run_script(
+                    step.path, "client.py", *args, timeout=60, env={**env, **dict(d.env)}
+                )
             print(indent(result.stdout + result.stderr), end="")
             if (result.returncode != 0) != d.fails:
                 expected = "an error" if d.fails else "success"
