@@ -1,6 +1,10 @@
 """The READMEs tell the truth: their commands work as written and print what they show."""
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 from tests.support.readme import console_commands, section
 from tools.processes import ServerProcess, demo_environment, run_script
@@ -57,3 +61,25 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test\n" in ci and "export CI=true" in ci
     assert "make test" in section(ROOT_README, "The two commands")
+
+
+def test_the_token_command_of_the_readmes_makes_a_usable_token(steps):
+    """`export GREETER_AUTH_TOKEN=$(python -c ...)`, as the READMEs show it, in a shell with
+    the virtual env first on PATH (as after `source .venv/bin/activate`)."""
+    lines = {
+        line.strip()
+        for step in steps
+        for line in (step.path / "README.md").read_text().splitlines()
+        if line.startswith("export GREETER_AUTH_TOKEN=")
+    }
+    assert lines, "no README shows how to make a token"
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    for line in lines:
+        result = subprocess.run(
+            ["bash", "-c", f'{line} && printf %s "$GREETER_AUTH_TOKEN"'],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PATH": path},
+            check=True,
+        )
+        assert len(result.stdout) >= 16 and result.stdout.isprintable(), line
