@@ -638,15 +638,17 @@ def test_server_refuses_to_start_without_a_proper_token(token, problem):
 
 
 def test_client_without_a_token_gets_one_clear_line(server_process):
-    result = run_client("hello", "--name", "Ada", "--target", server_process.address,
-                        env={"GREETER_AUTH_TOKEN": ""})  # fmt: skip
+    result = run_client(
+        "hello", "--name", "Ada", "--target", server_process.address, env={"GREETER_AUTH_TOKEN": ""}
+    )
     assert result.returncode == 1
     assert result.stderr == f"error: UNAUTHENTICATED: {MISSING_TOKEN}\n"
 
 
 def test_client_sends_its_user_id_and_the_server_logs_it(server_process):
-    result = run_client("hello", "--name", "Ada", "--user-id", "grace",
-                        "--target", server_process.address)  # fmt: skip
+    result = run_client(
+        "hello", "--name", "Ada", "--user-id", "grace", "--target", server_process.address
+    )
     assert result.stdout == "Hello, Ada!\n"
     server_process.stop()
     assert "/greeter.v1.Greeter/SayHello code=OK peer=ipv4:127.0.0.1:" in server_process.output

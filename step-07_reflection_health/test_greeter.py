@@ -647,15 +647,17 @@ def test_server_refuses_to_start_without_a_proper_token(token, problem):
 
 
 def test_client_without_a_token_gets_one_clear_line(server_process):
-    result = run_client("hello", "--name", "Ada", "--target", server_process.address,
-                        env={"GREETER_AUTH_TOKEN": ""})  # fmt: skip
+    result = run_client(
+        "hello", "--name", "Ada", "--target", server_process.address, env={"GREETER_AUTH_TOKEN": ""}
+    )
     assert result.returncode == 1
     assert result.stderr == f"error: UNAUTHENTICATED: {MISSING_TOKEN}\n"
 
 
 def test_client_sends_its_user_id_and_the_server_logs_it(server_process):
-    result = run_client("hello", "--name", "Ada", "--user-id", "grace",
-                        "--target", server_process.address)  # fmt: skip
+    result = run_client(
+        "hello", "--name", "Ada", "--user-id", "grace", "--target", server_process.address
+    )
     assert result.stdout == "Hello, Ada!\n"
     server_process.stop()
     assert "/greeter.v1.Greeter/SayHello code=OK peer=ipv4:127.0.0.1:" in server_process.output
@@ -715,8 +717,10 @@ async def test_localhost_is_in_the_certificate_too(server_address):
 def test_the_server_certificate_covers_localhost_and_both_loopback_addresses():
     san = subprocess.run(
         ["openssl", "x509", "-in", str(CERTS / "server.crt"), "-noout", "-ext", "subjectAltName"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "DNS:localhost, IP Address:127.0.0.1, IP Address:0:0:0:0:0:0:0:1" in san
 
 
@@ -778,8 +782,15 @@ async def test_mutual_tls_knows_the_calling_service(start_caller_server, caplog)
 
 
 def test_client_reports_a_tls_failure_in_one_line(server_process, other_certs):
-    result = run_client("hello", "--name", "Ada", "--target", server_process.address,
-                        "--ca", str(other_certs / "ca.crt"))  # fmt: skip
+    result = run_client(
+        "hello",
+        "--name",
+        "Ada",
+        "--target",
+        server_process.address,
+        "--ca",
+        str(other_certs / "ca.crt"),
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: UNAVAILABLE: ")
     assert "CERTIFICATE_VERIFY_FAILED" in result.stderr
@@ -789,8 +800,17 @@ def test_client_reports_a_tls_failure_in_one_line(server_process, other_certs):
 def test_client_with_a_client_certificate_against_a_mutual_tls_server():
     with ServerProcess(STEP_DIR, env={"GREETER_TLS_CLIENT_CA": str(CERTS / "ca.crt")}) as server:
         without = run_client("hello", "--name", "Ada", "--target", server.address)
-        with_certificate = run_client("hello", "--name", "Ada", "--target", server.address,
-                                      "--cert", str(CERTS / "client.crt"), "--key", str(CERTS / "client.key"))  # fmt: skip
+        with_certificate = run_client(
+            "hello",
+            "--name",
+            "Ada",
+            "--target",
+            server.address,
+            "--cert",
+            str(CERTS / "client.crt"),
+            "--key",
+            str(CERTS / "client.key"),
+        )
     assert without.returncode == 1 and without.stderr.startswith("error: UNAVAILABLE: ")
     assert (with_certificate.returncode, with_certificate.stdout) == (0, "Hello, Ada!\n")
     assert " client=greeter-client user=" in server.output
@@ -961,8 +981,14 @@ def test_readme_grpcurl_commands_work_as_written(server_process, tmp_path):
     for command in commands:
         line = command.line.replace("localhost:50051", f"localhost:{port}")
         path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-        result = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True, timeout=30,
-                                env={**os.environ, "PATH": path})  # fmt: skip
+        result = subprocess.run(
+            ["bash", "-c", line],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PATH": path},
+        )
         assert result.stdout + result.stderr == command.expected_output, command.line
 
 
