@@ -141,7 +141,7 @@ async def test_server_stops_streaming_as_soon_as_the_client_cancels(start_server
     """Observed on the server: the handler is cancelled right after the client cancels,
     long before the stream would have ended, and it produced nothing more."""
     caplog.set_level(logging.INFO, logger="greeter.service")
-    interval = 0.2  # the full stream would take 10 × 0.2 = 1.8 s more after the cancel
+    interval = 0.3  # the 8 replies left after the cancel would take 8 × 0.3 = 2.4 s
     address = await start_server(stream_interval=interval)
     async with grpc.aio.insecure_channel(address) as channel:
         call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
@@ -156,7 +156,7 @@ async def test_server_stops_streaming_as_soon_as_the_client_cancels(start_server
             return any("StreamGreetings cancelled" in r.getMessage() for r in caplog.records)
 
         await eventually(server_saw_the_cancel, timeout=5, message="the server to stop the stream")
-        assert time.monotonic() - cancelled_at < 1.0, "the server kept going after the cancel"
+        assert time.monotonic() - cancelled_at < 1.2, "the server kept going after the cancel"
     [record] = [r for r in caplog.records if "StreamGreetings cancelled" in r.getMessage()]
     assert record.getMessage() == "StreamGreetings cancelled by the client after 2 of 10 replies"
 
