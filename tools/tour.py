@@ -129,8 +129,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
     ok = True
     servers: list[ServerProcess] = []
     workdir = tempfile.TemporaryDirectory(prefix=f"tour-{step.label}-")
-    env = demo_environment(step.path, Path(workdir.name))
     try:
+        env = demo_environment(step.path, Path(workdir.name))  # token, certificates
         for extra in entry.servers:
             server = ServerProcess(step.path, *extra, env=env)
             servers.append(server)
@@ -157,7 +157,7 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 expected = "an error" if d.fails else "success"
                 print(f"  ✗ expected {expected}, got exit code {result.returncode}")
                 ok = False
-    except RuntimeError as err:
+    except (RuntimeError, subprocess.SubprocessError) as err:  # includes a set-up or demo timeout
         print(f"  ✗ {err}")
         ok = False
     finally:
