@@ -1,5 +1,5 @@
-"""Fixtures of this step: an in-process server for fast RPC tests, and the real
-`python server.py` process for tests of the command line and of signals."""
+"""Fixtures and helpers shared by this step's test files: servers (in-process and
+real processes), channels, and small helpers for calls and log lines."""
 
 import subprocess
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from greeter.v1 import greeter_pb2_grpc
+from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from server import build_server
 from settings import Settings
 from tools.processes import ServerProcess, run_script
@@ -60,3 +60,16 @@ def server_process():
     """`python server.py --port 0` as a learner runs it."""
     with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
         yield process
+
+
+Request = greeter_pb2.HelloRequest
+
+
+async def rpc_error(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+async def messages(call) -> list[str]:
+    return [reply.message async for reply in call]

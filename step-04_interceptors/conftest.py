@@ -1,13 +1,14 @@
-"""Fixtures of this step: an in-process server for fast RPC tests, and the real
-`python server.py` process for tests of the command line and of signals."""
+"""Fixtures and helpers shared by this step's test files: servers (in-process and
+real processes), channels, and small helpers for calls and log lines."""
 
+import asyncio
 import subprocess
 from pathlib import Path
 
 import grpc
 import pytest
 
-from greeter.v1 import greeter_pb2_grpc
+from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from server import build_server
 from settings import Settings
 from tools.processes import ServerProcess, run_script
@@ -60,3 +61,25 @@ def server_process():
     """`python server.py --port 0` as a learner runs it."""
     with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
         yield process
+
+
+Request = greeter_pb2.HelloRequest
+
+
+async def rpc_error(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+async def messages(call) -> list[str]:
+    return [reply.message async for reply in call]
+
+
+async def say(call, name: str) -> str:
+    """Ping-pong: send one message, wait for its reply (a server that waited for more input
+    before answering would fail here instead of hanging)."""
+    await call.write(Request(name=name))
+    reply = await asyncio.wait_for(call.read(), 5)
+    assert reply is not grpc.aio.EOF, "the chat ended early"
+    return reply.message

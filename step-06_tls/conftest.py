@@ -1,6 +1,8 @@
-"""Fixtures of this step: an in-process server for fast RPC tests, and the real
-`python server.py` process for tests of the command line and of signals."""
+"""Fixtures and helpers shared by this step's test files: servers (in-process and
+real processes), channels, and small helpers for calls and log lines."""
 
+import asyncio
+import logging
 import secrets
 import shutil
 import subprocess
@@ -11,7 +13,7 @@ import grpc
 import pytest
 
 from auth import TOKEN_VARIABLE, client_auth_interceptors
-from greeter.v1 import greeter_pb2_grpc
+from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from server import build_server
 from settings import Settings
 from tests.support.helpers import require_binary
@@ -129,3 +131,46 @@ def server_process():
     """`python server.py --port 0` as a learner runs it."""
     with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
         yield process
+
+
+Request = greeter_pb2.HelloRequest
+
+
+async def rpc_error(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+async def messages(call) -> list[str]:
+    return [reply.message async for reply in call]
+
+
+async def say(call, name: str) -> str:
+    """Ping-pong: send one message, wait for its reply (a server that waited for more input
+    before answering would fail here instead of hanging)."""
+    await call.write(Request(name=name))
+    reply = await asyncio.wait_for(call.read(), 5)
+    assert reply is not grpc.aio.EOF, "the chat ended early"
+    return reply.message
+
+
+def rpc_records(caplog, logger: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == logger]
+
+
+def assert_rpc_line(
+    record: logging.LogRecord, method: str, code: str, user: str | None = None, client: str = "-"
+) -> None:
+    """`user` and `client`: the server's fields (`client` names the caller's certificate, "-"
+    without mutual TLS); `user` None for client lines, which have neither."""
+    assert record.rpc_method == f"/greeter.v1.Greeter/{method}"
+    assert record.rpc_code == code
+    assert record.rpc_user == user
+    assert record.rpc_client == (None if user is None else client)
+    assert record.rpc_duration_ms >= 0
+    fields = "" if user is None else f" client={client} user={user}"
+    assert record.getMessage() == (
+        f"/greeter.v1.Greeter/{method} code={code} peer={record.rpc_peer}{fields} "
+        f"duration={record.rpc_duration_ms:.1f}ms"
+    )

@@ -38,12 +38,30 @@ def is_ladder_file(relative: Path) -> bool:
     return not is_generated(relative) and not IGNORED_PARTS & set(relative.parts)
 
 
+def ignored_by_git(directory: Path, names: list[str]) -> set[str]:
+    """The `names` (relative to `directory`) that git ignores: certificates a learner made
+    with gen_certs.sh, caches. None outside a git work tree."""
+    if not names:
+        return set()
+    result = subprocess.run(
+        ["git", "check-ignore", "--no-index", "-z", "--stdin"],
+        cwd=directory,
+        input="\0".join(names),
+        capture_output=True,
+        text=True,
+    )
+    return set(result.stdout.split("\0")) - {""} if result.returncode == 0 else set()
+
+
 def step_files(step_dir: Path) -> dict[str, Path]:
+    """The step's own files: not generated, not caches, nothing git ignores."""
     files = {}
     for path in step_dir.rglob("*"):
         relative = path.relative_to(step_dir)
         if path.is_file() and is_ladder_file(relative):
             files[relative.as_posix()] = path
+    for name in ignored_by_git(step_dir, list(files)):
+        del files[name]
     return files
 
 

