@@ -1,27 +1,67 @@
 """Fixtures and helpers shared by this step's test files: servers (in-process and
 real processes), channels, and small helpers for calls and log lines."""
 
+import asyncio
+import contextlib
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
-from server import build_server
+from server import RunningServer, running_server
 from settings import Settings
 from tools.processes import ServerProcess, run_script
 
 STEP_DIR = Path(__file__).parent
 
 
+def server_settings(**overrides) -> Settings:
+    """Server settings for tests: loopback, a free port, half a second of grace."""
+    return Settings(**{"host": "127.0.0.1", "port": 0, "grace": 0.5, **overrides})
+
+
+@dataclass
+class ServerInTest:
+    """A server started through running_server(), the lifetime serve() uses."""
+
+    running: RunningServer
+    lifetime: contextlib.AsyncExitStack
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    def shut_down(self) -> asyncio.Task:
+        """Leave the lifetime, as serve() does on SIGTERM, in a task the test can watch."""
+        return asyncio.create_task(self.lifetime.aclose())
+
+
 @pytest.fixture
-async def server_address():
-    """A real gRPC server (this step's wiring) on a free loopback port, in the test's loop."""
-    server, port = build_server(Settings(host="127.0.0.1", port=0))
-    await server.start()
-    yield f"127.0.0.1:{port}"
-    await server.stop(None)
+async def start_server():
+    """Start real servers (this step's wiring and lifetime) on free loopback ports, in the
+    test's loop: `server = await start_server(servicer, grace=10)`. Each one still running
+    at the end of the test is shut down."""
+    lifetimes = []
+
+    async def start(servicer=None, **overrides) -> ServerInTest:
+        lifetime = contextlib.AsyncExitStack()
+        lifetimes.append(lifetime)
+        running = await lifetime.enter_async_context(
+            running_server(server_settings(**overrides), servicer)
+        )
+        return ServerInTest(running, lifetime)
+
+    yield start
+    for lifetime in reversed(lifetimes):
+        await lifetime.aclose()  # does nothing for a server the test shut down
+
+
+@pytest.fixture
+async def server_address(start_server):
+    return (await start_server()).address
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ import pytest
 
 from conftest import STEP_DIR, Request, run_client
 from greeter.v1 import greeter_pb2_grpc
-from server import build_server, stop_when
 from service import Greeter
-from settings import Settings
 from tests.support.helpers import eventually
 from tools.processes import run_script
 
@@ -20,6 +18,7 @@ class GatedGreeter(Greeter):
     the test controls."""
 
     def __init__(self):
+        super().__init__()
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 
@@ -29,18 +28,15 @@ class GatedGreeter(Greeter):
         return await super().SayHello(request, context)
 
 
-async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
+async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones(start_server):
     greeter = GatedGreeter()
-    server, port = build_server(Settings(host="127.0.0.1", port=0), greeter)
-    await server.start()
-    address = f"127.0.0.1:{port}"
-    stop = asyncio.Event()
-    shutdown = asyncio.create_task(stop_when(stop, server, grace=10))
+    server = await start_server(greeter, grace=10)
+    address = server.address
 
     async with grpc.aio.insecure_channel(address) as channel:
         in_flight = greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=10)
         await asyncio.wait_for(greeter.entered.wait(), 5)
-        stop.set()
+        shutdown = server.shut_down()
 
         async def new_call_refused() -> bool:
             async with grpc.aio.insecure_channel(address) as fresh:
@@ -82,9 +78,3 @@ def test_server_refuses_a_port_in_use(server_process):
     assert result.returncode == 1
     assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_server_rejects_a_bad_port_setting():
-    result = run_script(STEP_DIR, "server.py", env={"GREETER_PORT": "http"})
-    assert result.returncode == 2
-    assert "--port: invalid port_number value: 'http'" in result.stderr

@@ -1,14 +1,17 @@
 """Fixtures and helpers shared by this step's test files: servers (in-process and
 real processes), channels, and small helpers for calls and log lines."""
 
+import asyncio
+import contextlib
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
-from server import build_server
+from server import RunningServer, running_server
 from settings import Settings
 from tools.processes import ServerProcess, run_script
 
@@ -17,26 +20,50 @@ STEP_DIR = Path(__file__).parent
 FAST_STREAM_INTERVAL = 0.02
 
 
+def server_settings(**overrides) -> Settings:
+    """Server settings for tests: loopback, a free port, half a second of grace."""
+    return Settings(**{"host": "127.0.0.1", "port": 0, "grace": 0.5, **overrides})
+
+
+@dataclass
+class ServerInTest:
+    """A server started through running_server(), the lifetime serve() uses."""
+
+    running: RunningServer
+    lifetime: contextlib.AsyncExitStack
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    def shut_down(self) -> asyncio.Task:
+        """Leave the lifetime, as serve() does on SIGTERM, in a task the test can watch."""
+        return asyncio.create_task(self.lifetime.aclose())
+
+
 @pytest.fixture
 async def start_server():
-    """Start real gRPC servers (this step's wiring) on free loopback ports, in the test's
-    loop: `address = await start_server(stream_interval=0.1)`. Stopped after the test."""
-    servers = []
+    """Start real servers (this step's wiring and lifetime) on free loopback ports, in the
+    test's loop: `server = await start_server(servicer, grace=10)`. Each one still running
+    at the end of the test is shut down."""
+    lifetimes = []
 
-    async def start(**settings) -> str:
-        server, port = build_server(Settings(host="127.0.0.1", port=0, **settings))
-        await server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
+    async def start(servicer=None, **overrides) -> ServerInTest:
+        lifetime = contextlib.AsyncExitStack()
+        lifetimes.append(lifetime)
+        running = await lifetime.enter_async_context(
+            running_server(server_settings(**overrides), servicer)
+        )
+        return ServerInTest(running, lifetime)
 
     yield start
-    for server in servers:
-        await server.stop(None)
+    for lifetime in reversed(lifetimes):
+        await lifetime.aclose()  # does nothing for a server the test shut down
 
 
 @pytest.fixture
 async def server_address(start_server):
-    return await start_server(stream_interval=FAST_STREAM_INTERVAL)
+    return (await start_server(stream_interval=FAST_STREAM_INTERVAL)).address
 
 
 @pytest.fixture

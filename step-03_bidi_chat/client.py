@@ -7,19 +7,38 @@
 Prints the reply. On an error it prints one line, `error: STATUS: message`, and exits 1.
 """
 
+import os
+
+# gRPC's C core writes log lines of its own to stderr (a refused connection, a failed
+# handshake). This client reports each failure in one line, so the core stays quiet unless
+# you ask (GRPC_VERBOSITY=INFO python client.py ...). It is read when grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
+from settings import add_options, option, positive_seconds
 
 # Every call has a deadline: a client that waits forever for a stuck server is a bug.
 # Each command has its own default, since a stream takes longer than one reply.
 DEFAULT_TIMEOUT_SECONDS = {"hello": 5.0, "stream": 15.0, "chat": 300.0}
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    target: str = option("127.0.0.1:50051", "GREETER_TARGET", "server address")
+    timeout: float | None = option(
+        None,
+        "GREETER_TIMEOUT",
+        "deadline of each call in seconds (default: per command)",
+        parse=positive_seconds,
+    )
 
 
 async def hello(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
@@ -75,20 +94,9 @@ async def chat(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    env = os.environ.get
     # Shared options live on each subcommand, so they can follow it: `hello --target ...`.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--target",
-        default=env("GREETER_TARGET", "127.0.0.1:50051"),
-        help="server address (GREETER_TARGET)",
-    )
-    common.add_argument(
-        "--timeout",
-        type=float,
-        default=env("GREETER_TIMEOUT"),
-        help="deadline of the call in seconds (GREETER_TIMEOUT; default: per command)",
-    )
+    add_options(common, ClientSettings)
 
     parser = argparse.ArgumentParser(description="Greeter demo client")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -7,10 +7,8 @@ import pytest
 
 from conftest import Request, messages, rpc_error, run_client, say
 from greeter.v1 import greeter_pb2_grpc
-from interceptors import ClientRpcLogger
-from server import build_server
+from rpc_log import ClientRpcLogger
 from service import Greeter
-from settings import Settings
 from tests.support.helpers import eventually
 
 
@@ -111,7 +109,7 @@ async def test_client_logs_one_line_per_call(server_address, caplog, scenario, m
 
 async def test_stream_log_line_is_written_when_the_stream_ends(start_server, caplog):
     caplog.set_level(logging.INFO, logger="greeter.rpc")
-    address = await start_server(stream_interval=0.1)
+    address = (await start_server(stream_interval=0.1)).address
     async with grpc.aio.insecure_channel(address) as channel:
         await messages(
             greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
@@ -128,24 +126,20 @@ class BrokenGreeter(Greeter):
         raise RuntimeError("a bug in the handler")
 
 
-async def test_a_failing_handler_is_logged_with_its_traceback(caplog):
+async def test_a_failing_handler_is_logged_with_its_traceback(start_server, caplog):
     caplog.set_level(logging.INFO, logger="greeter.rpc")
-    server, port = build_server(Settings(host="127.0.0.1", port=0), BrokenGreeter())
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            error = await rpc_error(
-                greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)
-            )
-        assert error.code() == grpc.StatusCode.UNKNOWN
-        assert "Traceback" not in error.details()
-        await eventually(lambda: rpc_records(caplog, "greeter.rpc"), message="the RPC's log line")
-        [record] = rpc_records(caplog, "greeter.rpc")
-        assert_rpc_line(record, "SayHello", "UNKNOWN")
-        assert record.levelno == logging.WARNING
-        assert isinstance(record.exc_info[1], RuntimeError)
-    finally:
-        await server.stop(None)
+    address = (await start_server(BrokenGreeter())).address
+    async with grpc.aio.insecure_channel(address) as channel:
+        error = await rpc_error(
+            greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)
+        )
+    assert error.code() == grpc.StatusCode.UNKNOWN
+    assert "Traceback" not in error.details()
+    await eventually(lambda: rpc_records(caplog, "greeter.rpc"), message="the RPC's log line")
+    [record] = rpc_records(caplog, "greeter.rpc")
+    assert_rpc_line(record, "SayHello", "UNKNOWN")
+    assert record.levelno == logging.WARNING
+    assert isinstance(record.exc_info[1], RuntimeError)
 
 
 def test_server_process_logs_each_rpc_and_the_client_logs_with_verbose(server_process):

@@ -82,7 +82,7 @@ async def test_client_that_disconnects_mid_chat_leaves_nothing_behind(start_serv
     """A real client process is killed mid-chat (its connection just drops): the server
     ends the chat, no task of it keeps running, and the server goes on serving."""
     caplog.set_level(logging.INFO, logger="greeter.service")
-    address = await start_server()
+    address = (await start_server()).address
     # Count tasks rather than compare sets: grpc.aio replaces its "wait for the next call"
     # task with a new one whenever a call arrives.
     tasks_before = len(asyncio.all_tasks())

@@ -106,7 +106,7 @@ async def test_client_logs_one_line_per_call(server_address, caplog, scenario, m
 
 async def test_stream_log_line_is_written_when_the_stream_ends(start_server, caplog):
     caplog.set_level(logging.INFO, logger="greeter.rpc")
-    address = await start_server(stream_interval=0.1)
+    address = (await start_server(stream_interval=0.1)).address
     async with open_channel(address) as channel:
         await messages(
             greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(

@@ -34,7 +34,7 @@ async def test_stream_accepts_the_maximum_count(stub):
 
 async def test_stream_replies_are_spread_over_time(start_server):
     interval = 0.1
-    address = await start_server(stream_interval=interval)
+    address = (await start_server(stream_interval=interval)).address
     async with open_channel(address) as channel:
         call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
             Request(name="Ada", count=3), timeout=5
@@ -68,7 +68,7 @@ async def test_server_stops_streaming_as_soon_as_the_client_cancels(start_server
     long before the stream would have ended, and it produced nothing more."""
     caplog.set_level(logging.INFO, logger="greeter.service")
     interval = 0.3  # the 8 replies left after the cancel would take 8 × 0.3 = 2.4 s
-    address = await start_server(stream_interval=interval)
+    address = (await start_server(stream_interval=interval)).address
     async with open_channel(address) as channel:
         call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
             Request(name="Ada", count=10), timeout=10
