@@ -2,9 +2,11 @@
 real processes), channels, and small helpers for calls and log lines."""
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -12,7 +14,7 @@ import pytest
 
 from auth import TOKEN_VARIABLE, client_auth_interceptors
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
-from server import build_server
+from server import RunningServer, running_server
 from settings import Settings
 from tools.processes import ServerProcess, run_script
 
@@ -33,8 +35,11 @@ def token_in_the_environment():
 
 
 def server_settings(**overrides) -> Settings:
-    """Server settings for tests: loopback, a free port, the test token."""
-    return Settings(**{"host": "127.0.0.1", "port": 0, "token": TEST_TOKEN, **overrides})
+    """Server settings for tests: loopback, a free port, half a second of grace, the test
+    token."""
+    return Settings(
+        **{"host": "127.0.0.1", "port": 0, "grace": 0.5, "token": TEST_TOKEN, **overrides}
+    )
 
 
 def raw_channel(address: str, interceptors=()) -> grpc.aio.Channel:
@@ -50,26 +55,45 @@ def open_channel(
     return raw_channel(address, [*interceptors, *client_auth_interceptors(token, user_id)])
 
 
+@dataclass
+class ServerInTest:
+    """A server started through running_server(), the lifetime serve() uses."""
+
+    running: RunningServer
+    lifetime: contextlib.AsyncExitStack
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    def shut_down(self) -> asyncio.Task:
+        """Leave the lifetime, as serve() does on SIGTERM, in a task the test can watch."""
+        return asyncio.create_task(self.lifetime.aclose())
+
+
 @pytest.fixture
 async def start_server():
-    """Start real gRPC servers (this step's wiring) on free loopback ports, in the test's
-    loop: `address = await start_server(stream_interval=0.1)`. Stopped after the test."""
-    servers = []
+    """Start real servers (this step's wiring and lifetime) on free loopback ports, in the
+    test's loop: `server = await start_server(servicer, grace=10)`. Each one still running
+    at the end of the test is shut down."""
+    lifetimes = []
 
-    async def start(**settings) -> str:
-        server, port = build_server(server_settings(**settings))
-        await server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
+    async def start(servicer=None, **overrides) -> ServerInTest:
+        lifetime = contextlib.AsyncExitStack()
+        lifetimes.append(lifetime)
+        running = await lifetime.enter_async_context(
+            running_server(server_settings(**overrides), servicer)
+        )
+        return ServerInTest(running, lifetime)
 
     yield start
-    for server in servers:
-        await server.stop(None)
+    for lifetime in reversed(lifetimes):
+        await lifetime.aclose()  # does nothing for a server the test shut down
 
 
 @pytest.fixture
 async def server_address(start_server):
-    return await start_server(stream_interval=FAST_STREAM_INTERVAL)
+    return (await start_server(stream_interval=FAST_STREAM_INTERVAL)).address
 
 
 @pytest.fixture

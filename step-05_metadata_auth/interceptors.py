@@ -1,29 +1,15 @@
-"""Interceptors: code that runs around every RPC, on the server and on the client.
+"""Generic helpers for interceptors, for any RPC kind: wrap a server handler, give a client
+interceptor for every kind, tell the status a finished call ended with.
 
-This step logs one line per RPC on each side: method, peer (or target), status code and
-duration. Later steps add more interceptors to the same chains (see README, "The chain").
+grpc.aio hands a server interceptor a handler of one of four kinds (unary or streaming
+request, unary or streaming reply), and picks client interceptors by kind. Feature modules
+(rpc_log.py, auth.py, ...) use these helpers, so none of them repeats the four cases.
 """
 
 import asyncio
-import logging
-import time
 from collections.abc import Callable
 
 import grpc
-
-from caller import current_user_id
-
-server_log = logging.getLogger("greeter.rpc")
-client_log = logging.getLogger("greeter.client")
-
-# Codes that mean "the server failed", as opposed to "the caller asked for something wrong":
-# those are logged as warnings, so they stand out.
-SERVER_FAULTS = {
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.DATA_LOSS,
-    grpc.StatusCode.UNIMPLEMENTED,
-}
 
 Behaviour = Callable  # a handler function: (request or request iterator, context) -> reply(s)
 
@@ -58,128 +44,6 @@ def status_of(context: grpc.aio.ServicerContext, error: BaseException | None) ->
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         return grpc.StatusCode.CANCELLED  # grpc.aio cancels the handler when the client goes away
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-
-
-def log_rpc(
-    log: logging.Logger,
-    method: str,
-    peer: str,
-    code: grpc.StatusCode,
-    started: float,
-    error: BaseException | None = None,
-    user: str | None = None,
-) -> None:
-    """Write the RPC's line. On the server, `user` is the authenticated caller ("-" when the
-    call was not authenticated); the client leaves it out."""
-    duration_ms = (time.monotonic() - started) * 1000
-    # A handler bug: keep its traceback in the server's log (the client never sees it).
-    traceback_of = error if error is not None and code == grpc.StatusCode.UNKNOWN else None
-    log.log(
-        logging.WARNING if code in SERVER_FAULTS else logging.INFO,
-        "%s code=%s peer=%s%s duration=%.1fms",
-        method,
-        code.name,
-        peer,
-        "" if user is None else f" user={user}",
-        duration_ms,
-        # Structured fields for log processors (and for the tests).
-        extra={
-            "rpc_method": method,
-            "rpc_peer": peer,
-            "rpc_user": user,
-            "rpc_code": code.name,
-            "rpc_duration_ms": duration_ms,
-        },
-        exc_info=traceback_of,
-    )
-
-
-class ServerRpcLogger(grpc.aio.ServerInterceptor):
-    """One log line per RPC, written when the RPC ends: for a stream, when the last reply is
-    sent, the client cancels it, or the handler fails."""
-
-    async def intercept_service(self, continuation, handler_call_details):
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None  # unknown method: gRPC answers UNIMPLEMENTED
-        method = handler_call_details.method
-        return wrap_handler(
-            handler, lambda behaviour, streaming: logged(method, behaviour, streaming)
-        )
-
-
-def logged(method: str, behaviour: Behaviour, response_streaming: bool) -> Behaviour:
-    """`behaviour`, logging its RPC when it ends. The peer is read up front: once a call has
-    ended, grpc.aio forgets it."""
-
-    def write_line(context, peer: str, started: float, error: BaseException | None) -> None:
-        log_rpc(
-            server_log,
-            method,
-            peer,
-            status_of(context, error),
-            started,
-            error,
-            user=current_user_id() or "-",
-        )
-
-    async def unary(request, context):
-        started, peer, error = time.monotonic(), context.peer(), None
-        try:
-            return await behaviour(request, context)
-        except BaseException as err:
-            error = err
-            raise
-        finally:
-            write_line(context, peer, started, error)
-
-    async def stream(request_or_iterator, context):
-        started, peer, error = time.monotonic(), context.peer(), None
-        try:
-            async for reply in behaviour(request_or_iterator, context):
-                yield reply
-        except BaseException as err:
-            error = err
-            raise
-        finally:
-            write_line(context, peer, started, error)
-
-    return stream if response_streaming else unary
-
-
-class ClientRpcLogger:
-    """One log line per outbound call, written when the call ends.
-
-    grpc.aio picks client interceptors by RPC kind: an object is used only for the kinds whose
-    interceptor class it subclasses, and one class subclassing all four is used for unary-unary
-    calls only. So `interceptors()` gives one instance per kind (`for_every_rpc_kind`), all
-    sharing this logger.
-    The line is written by a small task that waits for the call's status; `flush()` waits
-    for those, so a short-lived program loses no line at exit.
-    """
-
-    def __init__(self, target: str):
-        self.target = target
-        self._pending: set[asyncio.Task] = set()
-
-    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
-        return for_every_rpc_kind(self.intercept)
-
-    async def intercept(self, continuation, call_details, request):
-        started = time.monotonic()
-        call = await continuation(call_details, request)
-        method = call_details.method
-        method = method.decode() if isinstance(method, bytes) else method
-        task = asyncio.create_task(self._log_when_done(call, method, started))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-        return call
-
-    async def _log_when_done(self, call, method: str, started: float) -> None:
-        log_rpc(client_log, method, self.target, await call.code(), started)
-
-    async def flush(self) -> None:
-        await asyncio.gather(*self._pending, return_exceptions=True)
 
 
 def for_every_rpc_kind(intercept: Callable) -> list[grpc.aio.ClientInterceptor]:

@@ -1,24 +1,34 @@
-"""Greeter server: the wiring of its services and interceptors, and the entry point
-(settings.py holds the configuration).
+"""Greeter server: the wiring of its services, its lifetime (`running_server`) and the
+entry point (settings.py holds the configuration).
 
-    python server.py [--host 127.0.0.1] [--port 50051] [--grace 10]
+    python server.py [--host 127.0.0.1] [--port 50051] [--grace 10] [--log-level INFO]
 
 Prints `listening on HOST:PORT` once it serves (tools and tests read the port from it) and
 shuts down gracefully on SIGINT/SIGTERM.
 """
 
+import os
+
+# gRPC's C core logs ordinary events (a port in use, a failed handshake, a GOAWAY) as E…/I…
+# lines of its own; this server reports what matters itself. GRPC_VERBOSITY=INFO (or DEBUG)
+# turns them back on. It is read when grpc is imported: keep this above the imports.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 
 from auth import TOKEN_VARIABLE, ServerAuthenticator, token_problem
 from greeter.v1 import greeter_pb2_grpc
-from interceptors import ServerRpcLogger
+from rpc_log import ServerRpcLogger
 from service import Greeter
-from settings import Settings, parse_settings
+from settings import Settings, configure_logging, parse_settings
 
 # Requests are small (a name of at most 100 characters); anything much bigger is a mistake
 # or an attack, so refuse it before it is read into memory. gRPC's default is 4 MiB.
@@ -34,13 +44,11 @@ def host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def build_server(
-    settings: Settings, servicer: Greeter | None = None
-) -> tuple[grpc.aio.Server, int]:
+def build_server(settings: Settings, servicer: Greeter) -> tuple[grpc.aio.Server, int]:
     """A server with every service registered and its port bound (not started yet)."""
     server = grpc.aio.server(
         # Run around every RPC, first one outermost (README, "The chain").
-        interceptors=[ServerRpcLogger(), ServerAuthenticator(settings.token)],
+        interceptors=[ServerRpcLogger(servicer.shutting_down), ServerAuthenticator(settings.token)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -50,33 +58,70 @@ def build_server(
         ],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
-    greeter_pb2_grpc.add_GreeterServicer_to_server(
-        servicer or Greeter(settings.stream_interval), server
-    )
+    greeter_pb2_grpc.add_GreeterServicer_to_server(servicer, server)
     port = server.add_insecure_port(host_port(settings.host, settings.port))
     return server, port
 
 
-async def stop_when(stop: asyncio.Event, server: grpc.aio.Server, grace: float) -> None:
-    """Wait for `stop`, then shut down: refuse new calls, let in-flight ones finish for up to
-    `grace` seconds, cancel what is left."""
-    await stop.wait()
+@dataclass(frozen=True)
+class RunningServer:
+    server: grpc.aio.Server
+    address: str  # host:port it listens on (the real port when 0 was asked for)
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    settings: Settings, servicer: Greeter | None = None
+) -> AsyncIterator[RunningServer]:
+    """The server's lifetime: everything it holds is started here, in order, and released in
+    reverse order when the block ends. serve() and the tests use this one sequence; a later
+    step that holds more (a metrics server, a channel) enters it in the same exit stack."""
+    greeter = servicer or Greeter(settings.stream_interval)
+    async with contextlib.AsyncExitStack() as resources:
+        server, port = build_server(settings, greeter)
+        await server.start()
+        resources.push_async_callback(stop_gracefully, server, settings.grace, greeter)
+        yield RunningServer(server, host_port(settings.host, port))
+
+
+async def stop_gracefully(server: grpc.aio.Server, grace: float, greeter: Greeter) -> None:
+    """Refuse new calls, let in-flight ones finish for up to `grace` seconds, cancel the rest."""
+    greeter.shutting_down.set()  # a stream cut from now on was cut by us, not by its client
     log.info("shutting down: refusing new calls, in-flight calls get %.1fs to finish", grace)
     await server.stop(grace)
+    await calls_cut_by_the_stop()
     log.info("stopped")
 
 
-async def serve(settings: Settings) -> None:
-    # Signal handlers first: whoever reads "listening on" may send SIGTERM right away.
+async def calls_cut_by_the_stop(timeout: float = 1.0) -> None:
+    """Wait for the handlers that server.stop() cancelled when the grace ran out: grpc.aio
+    returns before they have run their cleanup. Without this wait, asyncio.run cancels them a
+    second time on exit and gRPC logs a CancelledError traceback after "stopped". (grpc.aio
+    names those tasks; other tasks are left alone.)"""
+    rpc_tasks = [
+        task
+        for task in asyncio.all_tasks()
+        if task.get_name() == "rpc_task" or task.get_name().startswith("HandleExceptions[")
+    ]
+    if rpc_tasks:
+        await asyncio.wait(rpc_tasks, timeout=timeout)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    return stop
 
-    server, port = build_server(settings)
-    await server.start()
-    print(f"listening on {host_port(settings.host, port)}", flush=True)
-    await stop_when(stop, server, settings.grace)
+
+async def serve(settings: Settings) -> None:
+    # Signal handlers first: whoever reads "listening on" may send SIGTERM right away.
+    stop = stop_on_signals()
+    async with running_server(settings) as running:
+        print(f"listening on {running.address}", flush=True)
+        await stop.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
     except RuntimeError as err:  # grpc raises RuntimeError when the port cannot be bound

@@ -15,11 +15,9 @@ from conftest import (
     rpc_records,
     run_client,
     say,
-    server_settings,
 )
 from greeter.v1 import greeter_pb2_grpc
-from interceptors import ClientRpcLogger
-from server import build_server
+from rpc_log import ClientRpcLogger
 from service import Greeter
 from tests.support.helpers import eventually
 
@@ -123,24 +121,20 @@ class BrokenGreeter(Greeter):
         raise RuntimeError("a bug in the handler")
 
 
-async def test_a_failing_handler_is_logged_with_its_traceback(caplog):
+async def test_a_failing_handler_is_logged_with_its_traceback(start_server, caplog):
     caplog.set_level(logging.INFO, logger="greeter.rpc")
-    server, port = build_server(server_settings(), BrokenGreeter())
-    await server.start()
-    try:
-        async with open_channel(f"127.0.0.1:{port}") as channel:
-            error = await rpc_error(
-                greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)
-            )
-        assert error.code() == grpc.StatusCode.UNKNOWN
-        assert "Traceback" not in error.details()
-        await eventually(lambda: rpc_records(caplog, "greeter.rpc"), message="the RPC's log line")
-        [record] = rpc_records(caplog, "greeter.rpc")
-        assert_rpc_line(record, "SayHello", "UNKNOWN", user=TEST_USER)
-        assert record.levelno == logging.WARNING
-        assert isinstance(record.exc_info[1], RuntimeError)
-    finally:
-        await server.stop(None)
+    address = (await start_server(BrokenGreeter())).address
+    async with open_channel(address) as channel:
+        error = await rpc_error(
+            greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)
+        )
+    assert error.code() == grpc.StatusCode.UNKNOWN
+    assert "Traceback" not in error.details()
+    await eventually(lambda: rpc_records(caplog, "greeter.rpc"), message="the RPC's log line")
+    [record] = rpc_records(caplog, "greeter.rpc")
+    assert_rpc_line(record, "SayHello", "UNKNOWN", user=TEST_USER)
+    assert record.levelno == logging.WARNING
+    assert isinstance(record.exc_info[1], RuntimeError)
 
 
 def test_server_process_logs_each_rpc_and_the_client_logs_with_verbose(server_process):

@@ -10,6 +10,13 @@ the server must have a certificate signed by --ca (default certs/ca.crt).
 Prints the reply. On an error it prints one line, `error: STATUS: message`, and exits 1.
 """
 
+import os
+
+# gRPC's C core writes log lines of its own to stderr (a refused connection, a failed
+# handshake). This client reports each failure in one line, so the core stays quiet unless
+# you ask (GRPC_VERBOSITY=INFO python client.py ...). It is read when grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import argparse
 import asyncio
 import getpass
@@ -17,6 +24,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 # gRPC's C core writes log lines of its own to stderr (a failed TLS handshake gives four).
 # This client reports each failure in one line, so the core stays quiet unless you ask
@@ -27,12 +35,32 @@ import grpc
 
 from auth import TOKEN_VARIABLE, client_auth_interceptors
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
-from interceptors import ClientRpcLogger
+from rpc_log import ClientRpcLogger
+from settings import add_options, option, positive_seconds
 from tls import TlsConfigError, channel_credentials
 
 # Every call has a deadline: a client that waits forever for a stuck server is a bug.
 # Each command has its own default, since a stream takes longer than one reply.
 DEFAULT_TIMEOUT_SECONDS = {"hello": 5.0, "stream": 15.0, "chat": 300.0}
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    target: str = option("127.0.0.1:50051", "GREETER_TARGET", "server address")
+    timeout: float | None = option(
+        None,
+        "GREETER_TIMEOUT",
+        "deadline of each call in seconds (default: per command)",
+        parse=positive_seconds,
+    )
+    ca: str = option(
+        "certs/ca.crt", "GREETER_TLS_CA", "the CA that signed the server's certificate (PEM)"
+    )
+    cert: str | None = option(None, "GREETER_TLS_CLIENT_CERT", "client certificate, for mutual TLS")
+    key: str | None = option(None, "GREETER_TLS_CLIENT_KEY", "its private key")
+    user_id: str | None = option(
+        None, "GREETER_USER_ID", "who is calling, sent as x-user-id (default: your login name)"
+    )
 
 
 async def hello(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
@@ -95,40 +123,9 @@ def login_name() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    env = os.environ.get
     # Shared options live on each subcommand, so they can follow it: `hello --target ...`.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--target",
-        default=env("GREETER_TARGET", "127.0.0.1:50051"),
-        help="server address (GREETER_TARGET)",
-    )
-    common.add_argument(
-        "--timeout",
-        type=float,
-        default=env("GREETER_TIMEOUT"),
-        help="deadline of the call in seconds (GREETER_TIMEOUT; default: per command)",
-    )
-    common.add_argument(
-        "--ca",
-        default=env("GREETER_TLS_CA", "certs/ca.crt"),
-        help="CA that signed the server's certificate (GREETER_TLS_CA)",
-    )
-    common.add_argument(
-        "--cert",
-        default=env("GREETER_TLS_CLIENT_CERT") or None,
-        help="client certificate, for mutual TLS (GREETER_TLS_CLIENT_CERT)",
-    )
-    common.add_argument(
-        "--key",
-        default=env("GREETER_TLS_CLIENT_KEY") or None,
-        help="its private key (GREETER_TLS_CLIENT_KEY)",
-    )
-    common.add_argument(
-        "--user-id",
-        default=env("GREETER_USER_ID") or login_name(),
-        help="who is calling, sent as x-user-id (GREETER_USER_ID; default: your login name)",
-    )
+    add_options(common, ClientSettings)
     common.add_argument(
         "-v",
         "--verbose",
@@ -155,6 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.timeout is None:
         args.timeout = DEFAULT_TIMEOUT_SECONDS[args.command]
+    args.user_id = args.user_id or login_name()
     return args
 
 

@@ -53,6 +53,9 @@ async def require_valid_count(count: int, context: grpc.aio.ServicerContext) -> 
 class Greeter(greeter_pb2_grpc.GreeterServicer):
     def __init__(self, stream_interval: float = 0.5):
         self.stream_interval = stream_interval  # seconds between two streamed replies
+        # Set when the server begins to shut down: a stream cancelled from then on was cut by
+        # the server (its grace period ran out), not by the client.
+        self.shutting_down = asyncio.Event()
 
     async def SayHello(self, request, context):
         await require_valid_name(request.name, context)
@@ -69,9 +72,15 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
                 yield greeter_pb2.HelloReply(message=f"Hello, {request.name}! ({number}/{count})")
                 sent = number
         except asyncio.CancelledError:
-            # grpc.aio cancels this task the moment the client cancels or disconnects, so
-            # the loop stops at once: no reply is produced for a client that is gone.
-            log.info("StreamGreetings cancelled by the client after %d of %d replies", sent, count)
+            # grpc.aio cancels this task the moment the client cancels or disconnects (or the
+            # server's grace period runs out), so the loop stops at once: no reply is
+            # produced for a client that is gone.
+            by = (
+                "cut by the server's shutdown"
+                if self.shutting_down.is_set()
+                else "cancelled by the client"
+            )
+            log.info("StreamGreetings %s after %d of %d replies", by, sent, count)
             raise
 
     async def Chat(self, request_iterator, context):

@@ -21,10 +21,8 @@ from conftest import (
     rpc_records,
     run_client,
     say,
-    server_settings,
 )
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
-from server import build_server
 from service import Greeter
 from tests.support.helpers import eventually
 from tools.processes import run_script
@@ -179,17 +177,11 @@ class WhoAmIGreeter(Greeter):
         return greeter_pb2.HelloReply(message=f"you are {current_user_id()}")
 
 
-async def test_handlers_know_the_authenticated_user():
-    server, port = build_server(server_settings(), WhoAmIGreeter())
-    await server.start()
-    try:
-        async with open_channel(f"127.0.0.1:{port}", user_id="grace") as channel:
-            reply = await greeter_pb2_grpc.GreeterStub(channel).SayHello(
-                Request(name="Ada"), timeout=5
-            )
-        assert reply.message == "you are grace"
-    finally:
-        await server.stop(None)
+async def test_handlers_know_the_authenticated_user(start_server):
+    address = (await start_server(WhoAmIGreeter())).address
+    async with open_channel(address, user_id="grace") as channel:
+        reply = await greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)
+    assert reply.message == "you are grace"
 
 
 async def test_concurrent_callers_each_see_their_own_user(server_address, caplog):

@@ -2,16 +2,18 @@
 
 import asyncio
 import signal
+import subprocess
+import sys
+import time
 
 import grpc
 import pytest
 
-from conftest import STEP_DIR, Request, open_channel, run_client, server_settings
+from conftest import STEP_DIR, Request, open_channel, run_client
 from greeter.v1 import greeter_pb2_grpc
-from server import build_server, stop_when
 from service import Greeter
 from tests.support.helpers import eventually
-from tools.processes import run_script
+from tools.processes import ServerProcess, run_script
 
 
 class GatedGreeter(Greeter):
@@ -19,6 +21,7 @@ class GatedGreeter(Greeter):
     the test controls."""
 
     def __init__(self):
+        super().__init__()
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 
@@ -28,18 +31,15 @@ class GatedGreeter(Greeter):
         return await super().SayHello(request, context)
 
 
-async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones():
+async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones(start_server):
     greeter = GatedGreeter()
-    server, port = build_server(server_settings(), greeter)
-    await server.start()
-    address = f"127.0.0.1:{port}"
-    stop = asyncio.Event()
-    shutdown = asyncio.create_task(stop_when(stop, server, grace=10))
+    server = await start_server(greeter, grace=10)
+    address = server.address
 
     async with open_channel(address) as channel:
         in_flight = greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=10)
         await asyncio.wait_for(greeter.entered.wait(), 5)
-        stop.set()
+        shutdown = server.shut_down()
 
         async def new_call_refused() -> bool:
             async with open_channel(address) as fresh:
@@ -83,7 +83,40 @@ def test_server_refuses_a_port_in_use(server_process):
     assert "Traceback" not in result.stderr
 
 
-def test_server_rejects_a_bad_port_setting():
-    result = run_script(STEP_DIR, "server.py", env={"GREETER_PORT": "http"})
-    assert result.returncode == 2
-    assert "--port: invalid port_number value: 'http'" in result.stderr
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_server_process_cuts_a_stream_when_its_grace_period_ends(how):
+    """A stream that outlives the grace period is cut by the server, logged as such (not as a
+    client's cancel), and nothing follows "stopped"."""
+    args, env = (
+        (["--grace", "0.5"], {}) if how == "flag" else ([], {"GREETER_SHUTDOWN_GRACE": "0.5"})
+    )
+    with ServerProcess(STEP_DIR, "--stream-interval", "0.5", *args, env=env) as server:
+        client = subprocess.Popen(
+            [
+                sys.executable,
+                "client.py",
+                "stream",
+                "--name",
+                "Ada",
+                "--count",
+                "10",
+                "--target",
+                server.address,
+            ],
+            cwd=STEP_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert client.stdout.readline() == "Hello, Ada! (1/10)\n"  # the stream is in flight
+        started = time.monotonic()
+        assert server.stop() == 0
+        stopped_after = time.monotonic() - started
+        _, errors = client.communicate(timeout=10)
+    # With the default grace (10 s) the server would let the stream finish: 4.5 s more.
+    assert stopped_after < 3.0, f"stopped after {stopped_after:.1f}s: the grace was ignored"
+    assert client.returncode == 1 and errors.startswith("error: UNAVAILABLE: "), errors
+    assert "StreamGreetings cut by the server's shutdown after " in server.output
+    assert "cancelled by the client" not in server.output
+    assert "/greeter.v1.Greeter/StreamGreetings code=UNAVAILABLE peer=" in server.output
+    assert server.output.rstrip().endswith("greeter.server: stopped"), server.output

@@ -1,16 +1,26 @@
-"""Greeter server: the wiring of its services and interceptors, and the entry point
-(settings.py holds the configuration).
+"""Greeter server: the wiring of its services, its lifetime (`running_server`) and the
+entry point (settings.py holds the configuration).
 
-    python server.py [--host 127.0.0.1] [--port 50051] [--grace 10]
+    python server.py [--host 127.0.0.1] [--port 50051] [--grace 10] [--log-level INFO]
 
 Prints `listening on HOST:PORT` once it serves (tools and tests read the port from it) and
 shuts down gracefully on SIGINT/SIGTERM.
 """
 
+import os
+
+# gRPC's C core logs ordinary events (a port in use, a failed handshake, a GOAWAY) as E…/I…
+# lines of its own; this server reports what matters itself. GRPC_VERBOSITY=INFO (or DEBUG)
+# turns them back on. It is read when grpc is imported: keep this above the imports.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
@@ -19,9 +29,9 @@ from grpc_reflection.v1alpha import reflection
 from auth import TOKEN_VARIABLE, ServerAuthenticator, token_problem
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from health import HEALTH_SERVICE, HealthService
-from interceptors import ServerRpcLogger
+from rpc_log import ServerRpcLogger
 from service import Greeter
-from settings import Settings, parse_settings
+from settings import Settings, configure_logging, parse_settings
 from tls import TlsConfigError, server_credentials
 
 # Requests are small (a name of at most 100 characters); anything much bigger is a mistake
@@ -44,14 +54,13 @@ def host_port(host: str, port: int) -> str:
 
 
 def build_server(
-    settings: Settings, servicer: Greeter | None = None, health: HealthService | None = None
+    settings: Settings, servicer: Greeter, health: HealthService
 ) -> tuple[grpc.aio.Server, int]:
-    """A server with every service registered and its port bound (not started yet). Its
-    health reports NOT_SERVING until `health.set_serving()`."""
+    """A server with every service registered and its port bound (not started yet)."""
     server = grpc.aio.server(
         # Run around every RPC, first one outermost (README, "The chain").
         interceptors=[
-            ServerRpcLogger(),
+            ServerRpcLogger(servicer.shutting_down),
             ServerAuthenticator(settings.token, exempt=PUBLIC_SERVICES),
         ],
         options=[
@@ -63,10 +72,8 @@ def build_server(
         ],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
-    greeter_pb2_grpc.add_GreeterServicer_to_server(
-        servicer or Greeter(settings.stream_interval), server
-    )
-    health_pb2_grpc.add_HealthServicer_to_server(health or HealthService([GREETER_SERVICE]), server)
+    greeter_pb2_grpc.add_GreeterServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
     # Reflection describes the services listed here to grpcurl and other tools.
     reflection.enable_server_reflection(
         [GREETER_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME], server
@@ -77,40 +84,80 @@ def build_server(
     return server, port
 
 
-async def stop_when(
-    stop: asyncio.Event,
-    server: grpc.aio.Server,
-    grace: float,
-    health: HealthService | None = None,
-    drain_delay: float = 0.0,
-) -> None:
-    """Wait for `stop`, then shut down: report NOT_SERVING (and keep serving `drain_delay`
-    seconds, for load balancers to notice), refuse new calls, let in-flight ones finish for
-    up to `grace` seconds, cancel what is left."""
-    await stop.wait()
-    if health is not None:
-        await health.enter_graceful_shutdown()
-        log.info("health: NOT_SERVING; still serving for %.1fs", drain_delay)
-        # Not synchronisation: a deliberate pause, the time load balancers need to notice.
-        await asyncio.sleep(drain_delay)
+@dataclass(frozen=True)
+class RunningServer:
+    server: grpc.aio.Server
+    address: str  # host:port it listens on (the real port when 0 was asked for)
+    health: HealthService
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    settings: Settings, servicer: Greeter | None = None
+) -> AsyncIterator[RunningServer]:
+    """The server's lifetime: everything it holds is started here, in order, and released in
+    reverse order when the block ends. serve() and the tests use this one sequence; a later
+    step that holds more (a metrics server, a channel) enters it in the same exit stack."""
+    greeter = servicer or Greeter(settings.stream_interval)
+    # NOT_SERVING until everything has started: a probe never sees a half-started server.
+    health = HealthService([GREETER_SERVICE])
+    async with contextlib.AsyncExitStack() as resources:
+        server, port = build_server(settings, greeter, health)
+        await server.start()
+        resources.push_async_callback(stop_gracefully, server, settings.grace, greeter)
+        # Released first: health says NOT_SERVING while calls are still being served.
+        resources.push_async_callback(drain, health, settings.drain_delay)
+        await health.set_serving()
+        yield RunningServer(server, host_port(settings.host, port), health)
+
+
+async def drain(health: HealthService, drain_delay: float) -> None:
+    """Report NOT_SERVING and keep serving `drain_delay` seconds, so that load balancers and
+    Kubernetes stop sending new calls before the server refuses them."""
+    await health.enter_graceful_shutdown()
+    log.info("health: NOT_SERVING; still serving for %.1fs", drain_delay)
+    # Not synchronisation: a deliberate pause, the time load balancers need to notice.
+    await asyncio.sleep(drain_delay)
+
+
+async def stop_gracefully(server: grpc.aio.Server, grace: float, greeter: Greeter) -> None:
+    """Refuse new calls, let in-flight ones finish for up to `grace` seconds, cancel the rest."""
+    greeter.shutting_down.set()  # a stream cut from now on was cut by us, not by its client
     log.info("shutting down: refusing new calls, in-flight calls get %.1fs to finish", grace)
     await server.stop(grace)
+    await calls_cut_by_the_stop()
     log.info("stopped")
 
 
-async def serve(settings: Settings) -> None:
-    # Signal handlers first: whoever reads "listening on" may send SIGTERM right away.
+async def calls_cut_by_the_stop(timeout: float = 1.0) -> None:
+    """Wait for the handlers that server.stop() cancelled when the grace ran out: grpc.aio
+    returns before they have run their cleanup. Without this wait, asyncio.run cancels them a
+    second time on exit and gRPC logs a CancelledError traceback after "stopped". (grpc.aio
+    names those tasks; other tasks are left alone.)"""
+    rpc_tasks = [
+        task
+        for task in asyncio.all_tasks()
+        if task.get_name() == "rpc_task" or task.get_name().startswith("HandleExceptions[")
+    ]
+    if rpc_tasks:
+        await asyncio.wait(rpc_tasks, timeout=timeout)
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    return stop
 
-    health = HealthService([GREETER_SERVICE])
-    server, port = build_server(settings, health=health)
-    await server.start()
-    await health.set_serving()
-    print(f"listening on {host_port(settings.host, port)}", flush=True)
-    await stop_when(stop, server, settings.grace, health, settings.drain_delay)
+
+async def serve(settings: Settings) -> None:
+    # Signal handlers first: whoever reads "listening on" may send SIGTERM right away.
+    stop = stop_on_signals()
+    async with running_server(settings) as running:
+        print(f"listening on {running.address}", flush=True)
+        await stop.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level)
     try:
         asyncio.run(serve(settings))
     except TlsConfigError as err:

