@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from auth import TOKEN_VARIABLE, client_auth_interceptors
+from auth import TOKEN_VARIABLE, client_auth_interceptors, unsendable_token_problem, user_id_problem
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from rpc_log import ClientRpcLogger
 from settings import add_options, option, positive_seconds
@@ -161,6 +161,10 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    token = os.environ.get(TOKEN_VARIABLE)
+    if problem := (token and unsendable_token_problem(token)) or user_id_problem(args.user_id):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -3,6 +3,7 @@ real processes), channels, and small helpers for calls and log lines."""
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import subprocess
@@ -158,3 +159,64 @@ def assert_rpc_line(
         f"/greeter.v1.Greeter/{method} code={code} peer={record.rpc_peer}{user_field} "
         f"duration={record.rpc_duration_ms:.1f}ms"
     )
+
+
+class ChatAttack:
+    """`size` chats without a token, each writing a message every 50 ms for as long as the
+    server keeps it open, and coming back half a second after it ends, until `stop()`."""
+
+    def __init__(self, stub, size: int):
+        self.stub = stub
+        self.ended: list[str] = []  # the codes of the calls the server ended
+        self._engaged: set[int] = set()  # attackers the server has taken on (or rejected)
+        self._stop = asyncio.Event()
+        self._attackers = [asyncio.create_task(self._attacker(n)) for n in range(size)]
+
+    @property
+    def engaged(self) -> int:
+        return len(self._engaged)
+
+    async def _attacker(self, number: int) -> None:
+        while not self._stop.is_set():
+            call = self.stub.Chat(timeout=30)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                for written in itertools.count(1):
+                    await call.write(Request(name="attacker"))
+                    if written == 3:
+                        self._engaged.add(number)  # 3 messages in: the server holds the call
+                    if self._stop.is_set():
+                        break
+                    await asyncio.sleep(0.05)  # the attacker's pace, not synchronisation
+            if self._stop.is_set():
+                call.cancel()
+                return
+            self._engaged.add(number)
+            self.ended.append((await call.code()).name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.5)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._attackers)
+
+
+async def authenticated_calls_succeed(stub, rounds: int = 5) -> None:
+    """SayHello, StreamGreetings and a Chat, `rounds` of each at once, all answered."""
+
+    async def chat() -> list[str]:
+        call = stub.Chat(timeout=10)
+        replies = [await say(call, name) for name in ("Ada", "Grace")]
+        await call.done_writing()
+        return replies
+
+    results = await asyncio.gather(
+        *(stub.SayHello(Request(name="Ada"), timeout=10) for _ in range(rounds)),
+        *(
+            messages(stub.StreamGreetings(Request(name="Ada", count=3), timeout=10))
+            for _ in range(rounds)
+        ),
+        *(chat() for _ in range(rounds)),
+    )
+    assert [r.message for r in results[:rounds]] == ["Hello, Ada!"] * rounds
+    assert all(len(replies) == 3 for replies in results[rounds : 2 * rounds])
+    assert results[2 * rounds :] == [["Hello, Ada!", "Hello, Grace!"]] * rounds

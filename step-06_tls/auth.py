@@ -1,12 +1,15 @@
 """Metadata authentication: every RPC carries `authorization: Bearer <token>` and `x-user-id`.
 
 The server checks both in an interceptor, before any handler runs, for every RPC kind; the
-client adds them in an interceptor, so no call site can forget them. See the README for the
-trust model.
+client adds them in an interceptor, so no call site can forget them. Work the server does for
+callers without credentials has a small budget of its own, so they can never use up what
+authenticated callers need. See the README for the trust model.
 """
 
 import asyncio
+import contextlib
 import hmac
+from collections.abc import Iterator
 
 import grpc
 
@@ -22,15 +25,66 @@ MAX_USER_ID_LENGTH = 64
 QUIET_SECONDS = 0.2  # no message for this long: the client is waiting for us
 MAX_DRAIN_SECONDS = 2.0
 MAX_DRAIN_MESSAGES = 100
+# At most this many such drains at once: beyond it a call is rejected at once, and a
+# misbehaving client may then see INTERNAL instead of UNAUTHENTICATED (grpc/grpc#36066).
+MAX_DRAINING_REJECTIONS = 32
+
+
+def unsendable_token_problem(token: str) -> str | None:
+    """Why no client can send `token` in a header; None when it can. gRPC metadata is ASCII,
+    and `Bearer <token>` is one word after the scheme."""
+    if not token.strip():
+        return f"{TOKEN_VARIABLE} is blank"
+    if token != token.strip():
+        return (
+            f"{TOKEN_VARIABLE} starts or ends with whitespace (a secret file often ends with a "
+            "newline): remove it"
+        )
+    if any(character.isspace() for character in token):
+        return f"{TOKEN_VARIABLE} contains whitespace: a token is a single word"
+    if not all("!" <= character <= "~" for character in token):
+        return f"{TOKEN_VARIABLE} contains a character that is not printable ASCII"
+    return None
 
 
 def token_problem(token: str | None) -> str | None:
     """Why `token` cannot be the server's secret; None when it can."""
     if not token:
         return f"no auth token configured: set {TOKEN_VARIABLE}"
+    if problem := unsendable_token_problem(token):
+        return problem
     if len(token) < MIN_TOKEN_LENGTH:
         return f"{TOKEN_VARIABLE} is too short: use at least {MIN_TOKEN_LENGTH} characters"
     return None
+
+
+def user_id_problem(user_id: str) -> str | None:
+    """Why `user_id` cannot be an x-user-id; None when it can."""
+    printable_ascii = all(" " <= character <= "~" for character in user_id)
+    if not user_id.strip() or len(user_id) > MAX_USER_ID_LENGTH or not printable_ascii:
+        return f"invalid x-user-id: 1 to {MAX_USER_ID_LENGTH} printable ASCII characters"
+    return None
+
+
+class Budget:
+    """At most `limit` pieces of some work at once; beyond it, the work is refused at once
+    (never queued), so whoever fills this budget cannot take anything else."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.in_use = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[bool]:
+        """Yields True with a slot held for the block, or False when none is free."""
+        if self.in_use >= self.limit:
+            yield False
+            return
+        self.in_use += 1
+        try:
+            yield True
+        finally:
+            self.in_use -= 1
 
 
 class Rejected(Exception):
@@ -59,8 +113,8 @@ def authenticate(metadata, expected_token: bytes) -> str:
     if not hmac.compare_digest(token.encode(), expected_token):
         raise Rejected("invalid token")
     user_id = metadata_value(metadata, "x-user-id")
-    if not user_id.strip() or len(user_id) > MAX_USER_ID_LENGTH or not user_id.isprintable():
-        raise Rejected(f"invalid x-user-id: 1 to {MAX_USER_ID_LENGTH} printable characters")
+    if problem := user_id_problem(user_id):
+        raise Rejected(problem)
     return user_id
 
 
@@ -71,6 +125,7 @@ class ServerAuthenticator(grpc.aio.ServerInterceptor):
         if problem := token_problem(token):
             raise ValueError(problem)
         self._token = token.encode()
+        self._draining = Budget(MAX_DRAINING_REJECTIONS)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -79,7 +134,7 @@ class ServerAuthenticator(grpc.aio.ServerInterceptor):
         try:
             user_id = authenticate(handler_call_details.invocation_metadata, self._token)
         except Rejected as rejection:
-            return rejecting_handler(handler, str(rejection))
+            return rejecting_handler(handler, str(rejection), self._draining)
         set_user_id(user_id)  # for the handler and the log line (caller.py)
         return handler
 
@@ -97,7 +152,9 @@ async def until_the_client_stops_sending(request_iterator) -> None:
         return  # quiet: the client now waits for a reply instead of writing
 
 
-def rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def rejecting_handler(
+    handler: grpc.RpcMethodHandler, message: str, draining: Budget
+) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that ends the RPC with UNAUTHENTICATED."""
 
     async def reject(request_or_iterator, context):
@@ -105,8 +162,11 @@ def rejecting_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcM
             # grpc/grpc#36066: when the server ends a call while the client is still writing,
             # the grpc.aio client may report INTERNAL (or fail its write) instead of our
             # status. So a client-streaming call is rejected only once the client has stopped
-            # writing: it half-closed, or paused to wait for a reply.
-            await until_the_client_stops_sending(request_or_iterator)
+            # writing (it half-closed, or paused to wait for a reply), if the budget for such
+            # waits has room; under a flood of them, at once.
+            with draining.slot() as granted:
+                if granted:
+                    await until_the_client_stops_sending(request_or_iterator)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def reject_stream(request_or_iterator, context):

@@ -3,6 +3,7 @@ real processes), channels, and small helpers for calls and log lines."""
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import secrets
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from auth import TOKEN_VARIABLE, client_auth_interceptors
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
@@ -213,3 +215,98 @@ class GatedGreeter(Greeter):
         self.entered.set()
         await self.gate.wait()
         return await super().SayHello(request, context)
+
+
+class ChatAttack:
+    """`size` chats without a token, each writing a message every 50 ms for as long as the
+    server keeps it open, and coming back half a second after it ends, until `stop()`."""
+
+    def __init__(self, stub, size: int):
+        self.stub = stub
+        self.ended: list[str] = []  # the codes of the calls the server ended
+        self._engaged: set[int] = set()  # attackers the server has taken on (or rejected)
+        self._stop = asyncio.Event()
+        self._attackers = [asyncio.create_task(self._attacker(n)) for n in range(size)]
+
+    @property
+    def engaged(self) -> int:
+        return len(self._engaged)
+
+    async def _attacker(self, number: int) -> None:
+        while not self._stop.is_set():
+            call = self.stub.Chat(timeout=30)
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                for written in itertools.count(1):
+                    await call.write(Request(name="attacker"))
+                    if written == 3:
+                        self._engaged.add(number)  # 3 messages in: the server holds the call
+                    if self._stop.is_set():
+                        break
+                    await asyncio.sleep(0.05)  # the attacker's pace, not synchronisation
+            if self._stop.is_set():
+                call.cancel()
+                return
+            self._engaged.add(number)
+            self.ended.append((await call.code()).name)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 0.5)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._attackers)
+
+
+async def authenticated_calls_succeed(stub, rounds: int = 5) -> None:
+    """SayHello, StreamGreetings and a Chat, `rounds` of each at once, all answered."""
+
+    async def chat() -> list[str]:
+        call = stub.Chat(timeout=10)
+        replies = [await say(call, name) for name in ("Ada", "Grace")]
+        await call.done_writing()
+        return replies
+
+    results = await asyncio.gather(
+        *(stub.SayHello(Request(name="Ada"), timeout=10) for _ in range(rounds)),
+        *(
+            messages(stub.StreamGreetings(Request(name="Ada", count=3), timeout=10))
+            for _ in range(rounds)
+        ),
+        *(chat() for _ in range(rounds)),
+    )
+    assert [r.message for r in results[:rounds]] == ["Hello, Ada!"] * rounds
+    assert all(len(replies) == 3 for replies in results[rounds : 2 * rounds])
+    assert results[2 * rounds :] == [["Hello, Ada!", "Hello, Grace!"]] * rounds
+
+
+class WatchAttack:
+    """`size` health Watch streams without a token, each held open as long as the server
+    lets it, until `stop()`."""
+
+    def __init__(self, stub, size: int):
+        self.stub, self.size = stub, size
+        self.refused: list[str] = []  # the codes of the streams the server refused
+        self._open: list[grpc.aio.UnaryStreamCall] = []  # answered, and still open
+        self._watchers = [asyncio.create_task(self._watch()) for _ in range(size)]
+
+    @property
+    def holding(self) -> int:
+        return sum(1 for call in self._open if not call.done())
+
+    @property
+    def settled(self) -> bool:
+        """The server has answered or refused every stream."""
+        return len(self._open) + len(self.refused) == self.size
+
+    async def _watch(self) -> None:
+        call = self.stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+        try:
+            await call.read()  # SERVING: the server holds this stream from now on
+        except grpc.aio.AioRpcError as error:
+            self.refused.append(error.code().name)
+        else:
+            self._open.append(call)
+
+    async def stop(self) -> None:
+        await asyncio.gather(*self._watchers)
+        for call in self._open:
+            call.cancel()

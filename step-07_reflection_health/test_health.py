@@ -1,6 +1,7 @@
 """The standard health service and reflection: probes, the shutdown order, grpcurl."""
 
 import asyncio
+import collections
 import contextlib
 import os
 import signal
@@ -12,11 +13,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from auth import MAX_PUBLIC_STREAMS
 from conftest import (
     CERTS,
     STEP_DIR,
+    ChatAttack,
     GatedGreeter,
     Request,
+    WatchAttack,
+    authenticated_calls_succeed,
     open_channel,
     raw_channel,
     rpc_error,
@@ -25,7 +30,7 @@ from conftest import (
 from greeter.v1 import greeter_pb2_grpc
 from health import HealthService
 from server import GREETER_SERVICE
-from tests.support.helpers import wait_until
+from tests.support.helpers import eventually, wait_until
 from tests.support.readme import console_commands
 from tools.processes import ServerProcess
 
@@ -214,3 +219,29 @@ def test_server_process_keeps_serving_through_its_drain_delay(how):
         assert "still serving for 30.0s" in server.output
     finally:
         server.stop(signal.SIGKILL)
+
+
+async def test_callers_without_a_token_cannot_starve_anyone_else(server_process):
+    """Over one TLS connection without a token: 300 health Watch streams held open and 256
+    trickling chats, against the real server process. The server holds MAX_PUBLIC_STREAMS of
+    the watches and refuses the rest at once; authenticated calls and a health Check (what
+    a Kubernetes probe sends) all succeed meanwhile."""
+    address = server_process.address
+    async with raw_channel(address) as attacker, open_channel(address) as channel:
+        watches = WatchAttack(health_pb2_grpc.HealthStub(attacker), size=300)
+        chats = ChatAttack(greeter_pb2_grpc.GreeterStub(attacker), size=256)
+        try:
+            await eventually(
+                lambda: watches.settled and chats.engaged == 256, timeout=30, message="the attack"
+            )
+            assert watches.holding == MAX_PUBLIC_STREAMS
+            assert collections.Counter(watches.refused) == {
+                "RESOURCE_EXHAUSTED": 300 - MAX_PUBLIC_STREAMS
+            }
+            await authenticated_calls_succeed(greeter_pb2_grpc.GreeterStub(channel))
+            async with raw_channel(address) as probe:
+                assert await health_status(probe) == SERVING
+            assert watches.holding == MAX_PUBLIC_STREAMS, "the attack was held throughout"
+        finally:
+            await chats.stop()
+            await watches.stop()
