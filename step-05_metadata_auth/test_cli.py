@@ -117,3 +117,24 @@ def test_client_reports_a_chat_error_in_one_line(server_process):
 def test_client_uses_the_target_from_the_environment(server_process):
     result = run_client("hello", "--name", "Ada", env={"GREETER_TARGET": server_process.address})
     assert result.stdout == "Hello, Ada!\n"
+
+
+def test_client_reports_a_chat_the_server_ended_between_two_lines_in_one_line():
+    """The user types a line, the server shuts down (its chat is cut when the grace runs
+    out), then the user types another line: one line of error, no traceback."""
+    with ServerProcess(STEP_DIR, "--grace", "0") as server:
+        client = subprocess.Popen(
+            [sys.executable, "client.py", "chat", "--target", server.address],
+            cwd=STEP_DIR,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        client.stdin.write("Ada\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "Hello, Ada!\n"
+        assert server.stop() == 0
+    output, errors = client.communicate("Grace\n", timeout=10)
+    assert (client.returncode, output) == (1, "")
+    assert errors.startswith("error: UNAVAILABLE: ") and errors.count("\n") == 1, errors

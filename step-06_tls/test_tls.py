@@ -184,3 +184,61 @@ def test_server_without_its_certificate_says_how_to_make_one(tmp_path):
     assert result.stdout == ""
     assert "run ./gen_certs.sh" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_server_with_a_key_that_does_not_match_its_certificate_says_so():
+    result = run_script(
+        STEP_DIR, "server.py", "--port", "0", env={"GREETER_TLS_KEY": str(CERTS / "client.key")}
+    )
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith(
+        f"error: the TLS key {CERTS / 'client.key'} does not belong to the certificate "
+        f"{CERTS / 'server.crt'} (KEY_VALUES_MISMATCH)"
+    ), result.stderr
+    assert "cannot listen" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def certificate_for_another_name(tmp_path_factory) -> dict[str, str]:
+    """A server certificate from the test CA, valid for elsewhere.example only."""
+    directory = tmp_path_factory.mktemp("elsewhere")
+    key, request, certificate = (
+        directory / name for name in ("server.key", "server.csr", "server.crt")
+    )
+    (directory / "server.ext").write_text(
+        "subjectAltName=DNS:elsewhere.example\nextendedKeyUsage=serverAuth\n"
+    )
+    for command in (
+        ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(key)],
+        ["req", "-new", "-key", str(key), "-subj", "/CN=elsewhere.example", "-out", str(request)],
+        [
+            "x509",
+            "-req",
+            "-in",
+            str(request),
+            "-CA",
+            str(CERTS / "ca.crt"),
+            "-CAkey",
+            str(CERTS / "ca.key"),
+            "-set_serial",
+            "0x51",
+            "-days",
+            "1",
+            "-extfile",
+            str(directory / "server.ext"),
+            "-out",
+            str(certificate),
+        ],
+    ):
+        subprocess.run(["openssl", *command], check=True, capture_output=True)
+    return {"GREETER_TLS_CERT": str(certificate), "GREETER_TLS_KEY": str(key)}
+
+
+def test_client_refuses_a_server_whose_certificate_names_another_host(certificate_for_another_name):
+    """Signed by the CA the client trusts, but for another name than the one it dialled."""
+    with ServerProcess(STEP_DIR, env=certificate_for_another_name) as server:
+        result = run_client("hello", "--name", "Ada", "--target", server.address)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: UNAVAILABLE: "), result.stderr
+    assert "Hostname Verification Check failed" in result.stderr
+    assert result.stderr.count("\n") == 1

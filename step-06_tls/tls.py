@@ -4,6 +4,7 @@ Keys and certificates come from files (made by ./gen_certs.sh for local use); a 
 unreadable file is reported with what to do, never as a traceback.
 """
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -27,11 +28,25 @@ def read_pem(path: str | Path, what: str) -> bytes:
     return data
 
 
+def require_matching_pair(cert: str, key: str) -> None:
+    """gRPC only finds out that a key does not belong to its certificate when it tries to
+    listen, and then says just "cannot bind". Python's ssl module checks the pair now."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as err:
+        raise TlsConfigError(
+            f"the TLS key {key} does not belong to the certificate {cert} ({err.reason}); "
+            "make them together with ./gen_certs.sh"
+        ) from None
+
+
 def server_credentials(cert: str, key: str, client_ca: str | None = None) -> grpc.ServerCredentials:
     """TLS with the server's certificate; with `client_ca`, mutual TLS: every client must
     present a certificate signed by that CA, or the handshake fails."""
+    key_pem, cert_pem = read_pem(key, "TLS key"), read_pem(cert, "TLS certificate")
+    require_matching_pair(cert, key)
     return grpc.ssl_server_credentials(
-        [(read_pem(key, "TLS key"), read_pem(cert, "TLS certificate"))],
+        [(key_pem, cert_pem)],
         root_certificates=read_pem(client_ca, "client CA certificate") if client_ca else None,
         require_client_auth=client_ca is not None,
     )

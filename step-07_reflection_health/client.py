@@ -19,6 +19,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import logging
 import os
@@ -104,12 +105,19 @@ async def chat(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> 
     # writes while the server may be ending the call, which sidesteps a grpc.aio race
     # (grpc/grpc#36066) that can turn the server's status into INTERNAL.
     async for text in messages:
-        await call.write(greeter_pb2.HelloRequest(name=text))
+        if call.done():
+            break  # the server ended the chat while the user was typing: its status follows
+        try:
+            await call.write(greeter_pb2.HelloRequest(name=text))
+        except asyncio.InvalidStateError:
+            break  # ended just now: the same
         reply = await call.read()  # raises AioRpcError when the server ends the chat with an error
         if reply is grpc.aio.EOF:
             break
         print(reply.message, flush=True)
-    await call.done_writing()
+    if not call.done():
+        with contextlib.suppress(asyncio.InvalidStateError):  # it may end at any moment
+            await call.done_writing()
     # Read to the end of the call: raises AioRpcError if the server ended it with an error.
     while (reply := await call.read()) is not grpc.aio.EOF:
         print(reply.message, flush=True)
