@@ -1,4 +1,4 @@
-"""Fixtures and helpers shared by this step's test files: servers (in-process and
+"""Fixtures and helpers shared by this folder's test files: servers (in-process and
 real processes), channels, and small helpers for calls and log lines."""
 
 import asyncio
@@ -43,7 +43,7 @@ class ServerInTest:
 
 @pytest.fixture
 async def start_server():
-    """Start real servers (this step's wiring and lifetime) on free loopback ports, in the
+    """Start real servers (this folder's wiring and lifetime) on free loopback ports, in the
     test's loop: `server = await start_server(servicer, grace=10)`. Each one still running
     at the end of the test is shut down."""
     lifetimes = []
@@ -78,7 +78,7 @@ def stub(channel):
 
 
 def run_client(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-    """`python client.py args...` in this step's folder, as a learner runs it."""
+    """`python client.py args...` in this folder's folder, as a learner runs it."""
     return run_script(STEP_DIR, "client.py", *args, **kwargs)
 
 

@@ -1,5 +1,6 @@
 """The READMEs tell the truth: their commands work as written and print what they show."""
 
+import ast
 import os
 import re
 import subprocess
@@ -8,13 +9,25 @@ from pathlib import Path
 
 from tests.support.readme import console_commands, section
 from tools.processes import ServerProcess, demo_environment, run_script
-from tools.steps import ROOT
+from tools.steps import ROOT, STEP_NAMES
 
 ROOT_README = ROOT / "README.md"
-ENV_READ = re.compile(
-    r"""\b(?:env|os\.environ\.get|os\.getenv|environ\.get)\(\s*["']([A-Z][A-Z0-9_]+)["']"""
+# Where the steps' code names an environment variable: a settings declaration
+# (`option(default, "NAME", ...)`), a constant, or a direct read.
+ENV_NAMED = re.compile(
+    r"""(?:\boption\(\s*[^,]+,\s*|_VARIABLE\s*=\s*|\b(?:os\.environ\.get|os\.getenv|environ\.get|setdefault)\(\s*)["']([A-Z][A-Z0-9_]+)["']"""
 )
-STEP_SECTIONS = ["Goal", "What changed", "Run it", "How it works", "Try it yourself", "Next step"]
+STEP_SECTIONS = [
+    "Goal",
+    "What changed",
+    "Run it",
+    "How it works",
+    "Try it yourself",
+    "Recap",
+    "Next step",
+]
+SH_BLOCK = re.compile(r"^```sh\n(.*?)^```", re.MULTILINE | re.DOTALL)
+README_REFERENCE = re.compile(r'README,? "([^"]+)"')
 
 
 def test_step_readme_has_every_section(step):
@@ -22,6 +35,36 @@ def test_step_readme_has_every_section(step):
     assert readme.read_text().startswith(f"# Step {step.label} · ")
     missing = [title for title in STEP_SECTIONS if not section(readme, title).strip()]
     assert not missing, f"{step.name}/README.md lacks sections {missing}"
+
+
+def test_try_it_yourself_has_a_hint(step):
+    assert "*Hint:*" in section(step.path / "README.md", "Try it yourself")
+
+
+def test_readme_references_in_the_code_point_to_sections_that_exist(step):
+    """`(README, "The chain")` in a comment names a heading of this step's README."""
+    headings = {
+        line.lstrip("#").strip()
+        for line in (step.path / "README.md").read_text().splitlines()
+        if line.startswith("#")
+    }
+    missing = [
+        f"{path.name}: {title}"
+        for path in step.path.glob("*.py")
+        for title in README_REFERENCE.findall(path.read_text())
+        if title not in headings
+    ]
+    assert not missing
+
+
+def test_module_docstrings_describe_the_module_not_the_step(step):
+    """A module is copied into every later step: "this step" in its docstring goes stale."""
+    stale = [
+        path.name
+        for path in step.path.glob("*.py")
+        if "this step" in (ast.get_docstring(ast.parse(path.read_text())) or "").lower()
+    ]
+    assert not stale
 
 
 def test_run_it_commands_print_what_the_readme_shows(step, tmp_path):
@@ -40,10 +83,10 @@ def test_run_it_commands_print_what_the_readme_shows(step, tmp_path):
             assert result.stdout + result.stderr == command.expected_output, command.argv
 
 
-def test_root_readme_lists_every_step_folder(steps):
-    text = ROOT_README.read_text()
-    for step in steps:
-        assert f"`{step.name}`" in text
+def test_root_readme_lists_every_step_folder_built_or_coming():
+    table = section(ROOT_README, "The steps")
+    missing = [name for name in STEP_NAMES if f"`{name}`" not in table]
+    assert not missing
 
 
 def test_root_readme_documents_every_environment_variable(steps):
@@ -51,7 +94,7 @@ def test_root_readme_documents_every_environment_variable(steps):
     read = set()
     for step in steps:
         for path in step.path.glob("*.py"):
-            read |= set(ENV_READ.findall(path.read_text()))
+            read |= set(ENV_NAMED.findall(path.read_text()))
     assert read, "found no environment variables in the steps' code"
     undocumented = sorted(name for name in read if f"`{name}`" not in table)
     assert not undocumented
@@ -63,23 +106,32 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "make test" in section(ROOT_README, "The two commands")
 
 
-def test_the_token_command_of_the_readmes_makes_a_usable_token(steps):
-    """`export GREETER_AUTH_TOKEN=$(python -c ...)`, as the READMEs show it, in a shell with
-    the virtual env first on PATH (as after `source .venv/bin/activate`)."""
-    lines = {
-        line.strip()
+def test_the_token_commands_of_the_readmes_make_a_usable_token(steps, tmp_path):
+    """The READMEs write the token to a file once and read it in each terminal. Those lines,
+    run as written by bash with the virtual env first on PATH (as after `source
+    .venv/bin/activate`), give a token a client can send and the server accepts."""
+    scripts = {
+        "\n".join(lines)
         for step in steps
-        for line in (step.path / "README.md").read_text().splitlines()
-        if line.startswith("export GREETER_AUTH_TOKEN=")
+        if (
+            lines := [
+                line
+                for block in SH_BLOCK.findall((step.path / "README.md").read_text())
+                for line in block.splitlines()
+                if "greeter.token" in line
+            ]
+        )
     }
-    assert lines, "no README shows how to make a token"
+    assert scripts, "no README shows how to make a token"
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    for line in lines:
+    for script in scripts:
         result = subprocess.run(
-            ["bash", "-c", f'{line} && printf %s "$GREETER_AUTH_TOKEN"'],
+            ["bash", "-ec", f'{script}\nprintf %s "$GREETER_AUTH_TOKEN"'],
+            cwd=tmp_path,
             capture_output=True,
             text=True,
             env={**os.environ, "PATH": path},
             check=True,
         )
-        assert len(result.stdout) >= 16 and result.stdout.isprintable(), line
+        token = result.stdout
+        assert len(token) >= 16 and all("!" <= c <= "~" for c in token), script

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from tools.codegen import is_generated
-from tools.steps import ROOT
+from tools.steps import ROOT, STEP_NAMES
 
 REQUIRED_FILES = [
     "README.md",
@@ -19,6 +19,10 @@ REQUIRED_FILES = [
     "conftest.py",
     "test_unary.py",
 ]
+
+
+def test_step_folders_have_their_fixed_names(steps):
+    assert [s.name for s in steps] == STEP_NAMES[: len(steps)]
 
 
 def test_steps_are_numbered_contiguously_from_01(steps):

@@ -7,6 +7,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STEP_DIR = re.compile(r"^step-(\d\d)_[a-z0-9_]+$")
+# The folder of every step, built or not yet (DESIGN.md, "The steps"): names are fixed.
+STEP_NAMES = [
+    "step-01_basic_unary",
+    "step-02_stream",
+    "step-03_bidi_chat",
+    "step-04_interceptors",
+    "step-05_metadata_auth",
+    "step-06_tls",
+    "step-07_reflection_health",
+    "step-08_prometheus",
+    "step-09_tracing",
+    "step-10_multi_service",
+    "step-11_metadata_propagation",
+    "step-12_load_balancing",
+    "step-13_retry_timeout",
+    "step-14_circuit_breaker",
+    "step-15_grafana",
+    "step-16_kafka_async",
+    "step-17_versioned_canary",
+]
 
 
 @dataclass(frozen=True)

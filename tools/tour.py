@@ -37,6 +37,9 @@ class TourEntry:
     title: str
     adds: str
     demos: tuple[Demo, ...]
+    # A line of the tour's output that shows the step's feature working; the tour's test
+    # (tests/test_tour.py) looks for it, as grpc-go's examples_test.sh greps its examples.
+    shows: str
     servers: tuple[tuple[str, ...], ...] = field(default=((),))  # extra server.py args each
 
 
@@ -54,11 +57,13 @@ TOUR: dict[int, TourEntry] = {
     1: TourEntry(
         title="Basic unary RPC",
         adds="one request, one reply: SayHello, with input validation and graceful shutdown",
+        shows="Hello, Ada!",
         demos=(demo("hello", "--name", "Ada"), demo("hello", "--name", "", fails=True)),
     ),
     2: TourEntry(
         title="Server streaming",
         adds="one request, many replies over time: StreamGreetings, bounded and cancellable",
+        shows="Hello, Ada! (3/3)",
         demos=(
             demo("stream", "--name", "Ada", "--count", "3"),
             demo("stream", "--name", "Ada", "--count", "11", fails=True),
@@ -67,6 +72,7 @@ TOUR: dict[int, TourEntry] = {
     3: TourEntry(
         title="Bidirectional chat",
         adds="both sides stream: Chat answers each message as it arrives, bounded and leak-free",
+        shows="Hello, Grace!",
         demos=(
             demo("chat", "--message", "Ada", "--message", "Grace"),
             demo("chat", "--message", "Ada", "--message", "", "--message", "Grace", fails=True),
@@ -75,6 +81,7 @@ TOUR: dict[int, TourEntry] = {
     4: TourEntry(
         title="Interceptors",
         adds="one log line per RPC (method, peer, status, duration) on the server and the client",
+        shows="INFO greeter.rpc: /greeter.v1.Greeter/SayHello code=INVALID_ARGUMENT peer=ipv4:127.0.0.1:",
         demos=(
             demo("hello", "--name", "Ada", "-v"),
             demo("stream", "--name", "Ada", "--count", "2", "-v"),
@@ -84,6 +91,7 @@ TOUR: dict[int, TourEntry] = {
     5: TourEntry(
         title="Metadata auth",
         adds="a bearer token and x-user-id on every call, checked by a server interceptor",
+        shows="error: UNAUTHENTICATED: invalid token",
         demos=(
             demo("hello", "--name", "Ada", "--user-id", "ada"),
             demo("chat", "--message", "Ada", "--message", "Grace", "--user-id", "ada"),
@@ -99,6 +107,7 @@ TOUR: dict[int, TourEntry] = {
     6: TourEntry(
         title="TLS and mutual TLS",
         adds="TLS only: the client verifies the server against its CA (certificates from gen_certs.sh)",
+        shows="CERTIFICATE_VERIFY_FAILED",
         demos=(
             demo("hello", "--name", "Ada", "--user-id", "ada"),
             demo("stream", "--name", "Ada", "--count", "2", "--user-id", "ada"),
@@ -108,6 +117,7 @@ TOUR: dict[int, TourEntry] = {
     7: TourEntry(
         title="Reflection and health",
         adds="grpcurl lists and describes the API; health checks for probes; NOT_SERVING before shutdown",
+        shows='"status": "SERVING"',
         demos=(
             grpcurl("list"),
             grpcurl("describe", "greeter.v1.Greeter"),
