@@ -76,7 +76,7 @@ def stub(channel):
 
 
 def run_client(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-    """`python client.py args...` in this folder's folder, as a learner runs it."""
+    """`python client.py args...` in this folder, as a learner runs it."""
     return run_script(STEP_DIR, "client.py", *args, **kwargs)
 
 

@@ -1,9 +1,6 @@
 """The command-line client, run as a learner runs it: replies, and errors in one line."""
 
-import subprocess
-import sys
-
-from conftest import STEP_DIR, run_client
+from conftest import STEP_DIR, run_client, start_client
 from tests.support.helpers import closed_port, silent_port
 from tools.processes import ServerProcess
 
@@ -40,23 +37,7 @@ def test_client_gives_up_on_a_stuck_server_at_its_deadline():
 def test_client_prints_stream_replies_as_they_arrive():
     """The first reply is on the client's stdout while the stream is still running."""
     with ServerProcess(STEP_DIR, "--stream-interval", "0.3") as server:
-        client = subprocess.Popen(
-            [
-                sys.executable,
-                "client.py",
-                "stream",
-                "--name",
-                "Ada",
-                "--count",
-                "3",
-                "--target",
-                server.address,
-            ],
-            cwd=STEP_DIR,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        client = start_client("stream", "--name", "Ada", "--count", "3", "--target", server.address)
         first = client.stdout.readline()
         still_running = client.poll() is None
         rest, errors = client.communicate(timeout=10)

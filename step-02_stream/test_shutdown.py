@@ -2,14 +2,12 @@
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
 import pytest
 
-from conftest import STEP_DIR, Request, run_client
+from conftest import STEP_DIR, Request, run_client, start_client
 from greeter.v1 import greeter_pb2_grpc
 from service import Greeter
 from tests.support.helpers import eventually
@@ -91,22 +89,8 @@ def test_server_process_cuts_a_stream_when_its_grace_period_ends(how):
         (["--grace", "0.5"], {}) if how == "flag" else ([], {"GREETER_SHUTDOWN_GRACE": "0.5"})
     )
     with ServerProcess(STEP_DIR, "--stream-interval", "0.5", *args, env=env) as server:
-        client = subprocess.Popen(
-            [
-                sys.executable,
-                "client.py",
-                "stream",
-                "--name",
-                "Ada",
-                "--count",
-                "10",
-                "--target",
-                server.address,
-            ],
-            cwd=STEP_DIR,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        client = start_client(
+            "stream", "--name", "Ada", "--count", "10", "--target", server.address
         )
         assert client.stdout.readline() == "Hello, Ada! (1/10)\n"  # the stream is in flight
         started = time.monotonic()

@@ -1,9 +1,8 @@
 """The command-line client, run as a learner runs it: replies, and errors in one line."""
 
 import subprocess
-import sys
 
-from conftest import STEP_DIR, run_client
+from conftest import STEP_DIR, run_client, start_client
 from tests.support.helpers import closed_port, silent_port
 from tools.processes import ServerProcess
 
@@ -40,23 +39,7 @@ def test_client_gives_up_on_a_stuck_server_at_its_deadline():
 def test_client_prints_stream_replies_as_they_arrive():
     """The first reply is on the client's stdout while the stream is still running."""
     with ServerProcess(STEP_DIR, "--stream-interval", "0.3") as server:
-        client = subprocess.Popen(
-            [
-                sys.executable,
-                "client.py",
-                "stream",
-                "--name",
-                "Ada",
-                "--count",
-                "3",
-                "--target",
-                server.address,
-            ],
-            cwd=STEP_DIR,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        client = start_client("stream", "--name", "Ada", "--count", "3", "--target", server.address)
         first = client.stdout.readline()
         still_running = client.poll() is None
         rest, errors = client.communicate(timeout=10)
@@ -123,14 +106,7 @@ def test_client_reports_a_chat_the_server_ended_between_two_lines_in_one_line():
     """The user types a line, the server shuts down (its chat is cut when the grace runs
     out), then the user types another line: one line of error, no traceback."""
     with ServerProcess(STEP_DIR, "--grace", "0") as server:
-        client = subprocess.Popen(
-            [sys.executable, "client.py", "chat", "--target", server.address],
-            cwd=STEP_DIR,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        client = start_client("chat", "--target", server.address, stdin=subprocess.PIPE)
         client.stdin.write("Ada\n")
         client.stdin.flush()
         assert client.stdout.readline() == "Hello, Ada!\n"

@@ -4,8 +4,10 @@ last reply is sent, the client cancels it, or the handler fails.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 import grpc
 
@@ -86,56 +88,41 @@ class ServerRpcLogger(grpc.aio.ServerInterceptor):
 def logged(
     method: str, behaviour: Behaviour, response_streaming: bool, shutting_down: asyncio.Event
 ) -> Behaviour:
-    """`behaviour`, logging its RPC when it ends. The peer and its certificate are read up
-    front: once a call has ended, grpc.aio forgets them."""
+    """`behaviour`, logging its RPC when it ends, whatever kind it is. The peer and its
+    certificate are read up front: once a call has ended, grpc.aio forgets them."""
 
-    def write_line(
-        context, peer: str, service: str | None, started: float, error: BaseException | None
-    ) -> None:
-        code = status_of(context, error)
-        if code == grpc.StatusCode.CANCELLED and shutting_down.is_set():
-            code = grpc.StatusCode.UNAVAILABLE  # cut by our shutdown, not by the client
-        log_rpc(
-            server_log,
-            method,
-            peer,
-            code,
-            started,
-            error,
-            user=current_user_id() or "-",
-            client=service or "-",
-        )
+    @contextlib.contextmanager
+    def line_when_done(context) -> Iterator[None]:
+        started, peer, service = time.monotonic(), context.peer(), calling_service(context)
+        error = None
+        try:
+            yield
+        except BaseException as err:  # CancelledError and GeneratorExit too: the call ended
+            error = err
+            raise
+        finally:
+            code = status_of(context, error)
+            if code == grpc.StatusCode.CANCELLED and shutting_down.is_set():
+                code = grpc.StatusCode.UNAVAILABLE  # cut by our shutdown, not by the client
+            log_rpc(
+                server_log,
+                method,
+                peer,
+                code,
+                started,
+                error,
+                user=current_user_id() or "-",
+                client=service or "-",
+            )
 
     async def unary(request, context):
-        started, peer, service, error = (
-            time.monotonic(),
-            context.peer(),
-            calling_service(context),
-            None,
-        )
-        try:
+        with line_when_done(context):
             return await behaviour(request, context)
-        except BaseException as err:
-            error = err
-            raise
-        finally:
-            write_line(context, peer, service, started, error)
 
     async def stream(request_or_iterator, context):
-        started, peer, service, error = (
-            time.monotonic(),
-            context.peer(),
-            calling_service(context),
-            None,
-        )
-        try:
+        with line_when_done(context):
             async for reply in behaviour(request_or_iterator, context):
                 yield reply
-        except BaseException as err:
-            error = err
-            raise
-        finally:
-            write_line(context, peer, service, started, error)
 
     return stream if response_streaming else unary
 

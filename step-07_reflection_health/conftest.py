@@ -8,6 +8,7 @@ import logging
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +149,21 @@ def stub(channel):
 
 
 def run_client(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
-    """`python client.py args...` in this folder's folder, as a learner runs it."""
+    """`python client.py args...` in this folder, as a learner runs it."""
     return run_script(STEP_DIR, "client.py", *args, **kwargs)
+
+
+def start_client(*args: str, **kwargs) -> subprocess.Popen[str]:
+    """`python client.py args...` started in the background, its stdout and stderr piped:
+    for tests that watch its output while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "client.py", *args],
+        cwd=STEP_DIR,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 @pytest.fixture
