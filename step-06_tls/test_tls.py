@@ -1,6 +1,7 @@
 """TLS only, mutual TLS on request: encryption, certificate checks, the calling service."""
 
 import logging
+import re
 import subprocess
 
 import grpc
@@ -146,6 +147,11 @@ def test_client_reports_a_tls_failure_in_one_line(server_process, other_certs):
     assert result.stderr.startswith("error: UNAVAILABLE: ")
     assert "CERTIFICATE_VERIFY_FAILED" in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
+    # The server saw a failed handshake: an ordinary event, so gRPC's core logs nothing.
+    assert server_process.stop() == 0
+    assert not re.search(r"^[EIW]\d{4} ", server_process.output, re.MULTILINE), (
+        server_process.output
+    )
 
 
 def test_client_with_a_client_certificate_against_a_mutual_tls_server():
