@@ -35,6 +35,7 @@ from tls import TlsConfigError, server_credentials
 # or an attack, so refuse it before it is read into memory. gRPC's default is 4 MiB.
 MAX_MESSAGE_BYTES = 4 * 1024
 # Beyond this many calls at once, new calls get RESOURCE_EXHAUSTED instead of queueing.
+# Callers without credentials can hold only a few of them: auth.MAX_DRAINING_REJECTIONS.
 MAX_CONCURRENT_RPCS = 256
 
 log = logging.getLogger("greeter.server")

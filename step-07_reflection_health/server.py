@@ -38,6 +38,8 @@ from tls import TlsConfigError, server_credentials
 # or an attack, so refuse it before it is read into memory. gRPC's default is 4 MiB.
 MAX_MESSAGE_BYTES = 4 * 1024
 # Beyond this many calls at once, new calls get RESOURCE_EXHAUSTED instead of queueing.
+# Callers without credentials can hold only a few of them: auth.MAX_DRAINING_REJECTIONS and
+# auth.MAX_PUBLIC_STREAMS.
 MAX_CONCURRENT_RPCS = 256
 
 GREETER_SERVICE = greeter_pb2.DESCRIPTOR.services_by_name["Greeter"].full_name  # greeter.v1.Greeter
