@@ -33,8 +33,14 @@ def wrap_handler(
     )
 
 
-def status_of(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
-    """The status an RPC ended with, as far as the server can know it."""
+def status_of(
+    context: grpc.aio.ServicerContext,
+    error: BaseException | None,
+    shutting_down: asyncio.Event | None = None,
+) -> grpc.StatusCode:
+    """The status an RPC ended with, as far as the server can know it. `shutting_down`, set
+    once the server has begun to stop: a call cancelled after that was cut by the server,
+    and its client was told UNAVAILABLE."""
     code = context.code()  # set by context.abort() or context.set_code()
     if code is not None:
         return code
@@ -42,7 +48,10 @@ def status_of(context: grpc.aio.ServicerContext, error: BaseException | None) ->
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED  # grpc.aio cancels the handler when the client goes away
+        # grpc.aio cancels the handler when the client goes away, or when the grace ends.
+        if shutting_down is not None and shutting_down.is_set():
+            return grpc.StatusCode.UNAVAILABLE
+        return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
 
 

@@ -101,9 +101,7 @@ def logged(
             error = err
             raise
         finally:
-            code = status_of(context, error)
-            if code == grpc.StatusCode.CANCELLED and shutting_down.is_set():
-                code = grpc.StatusCode.UNAVAILABLE  # cut by our shutdown, not by the client
+            code = status_of(context, error, shutting_down)
             log_rpc(
                 server_log,
                 method,
