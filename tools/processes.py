@@ -14,14 +14,20 @@ import sys
 import threading
 from pathlib import Path
 
-READY_LINE = re.compile(r"^listening on (\S+)$")
+# `listening on HOST:PORT` says the server is ready; a second port is announced before it in
+# the same shape (`metrics on HOST:PORT`).
+ADDRESS_LINE = re.compile(r"^(\w+) on (\S+)$")
+# Servers started here bind every port they open to a free one: from step 08 on that
+# includes /metrics, whose default port would collide between servers running at once.
+FREE_PORTS = {"GREETER_METRICS_PORT": "0"}
 
 
 class ServerProcess:
     """A running `python <script> --port 0 ...` in a step folder.
 
-    Use as a context manager; `address` is what the server printed. Output is collected
-    (stdout and stderr interleaved) and available as `output` once stopped.
+    Use as a context manager; `address` is what the server printed, `addresses` every
+    `NAME on HOST:PORT` line up to it ({"metrics": ..., "listening": ...}). Output is
+    collected (stdout and stderr interleaved) and available as `output` once stopped.
     """
 
     def __init__(
@@ -36,7 +42,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.command,
             cwd=step_dir,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **FREE_PORTS, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -44,6 +50,7 @@ class ServerProcess:
         )
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._output: list[str] = []
+        self.addresses: dict[str, str] = {}
         # A thread keeps the pipe drained, so a chatty server never blocks on a full pipe.
         threading.Thread(target=self._pump, daemon=True).start()
         self.address = self._wait_until_ready(ready_timeout)
@@ -62,8 +69,10 @@ class ServerProcess:
                 line = self._lines.get(timeout=timeout)
                 if line is None:
                     break
-                if match := READY_LINE.match(line):
-                    return match.group(1)
+                if match := ADDRESS_LINE.match(line):
+                    self.addresses[match.group(1)] = match.group(2)
+                    if match.group(1) == "listening":
+                        return match.group(2)
         except queue.Empty:
             self.process.kill()
             raise RuntimeError(f"{' '.join(self.command)}: not ready after {timeout}s") from None
@@ -108,7 +117,7 @@ def run_script(
     return subprocess.run(
         [sys.executable, script, *args],
         cwd=step_dir,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **FREE_PORTS, **(env or {})},
         input=input,
         capture_output=True,
         text=True,

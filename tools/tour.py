@@ -10,15 +10,18 @@ misbehaves.
 
 import argparse
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.processes import ServerProcess, demo_environment, run_script
+from tools.prometheus import INSTALL_HINT, PrometheusProcess
 from tools.steps import ROOT, Step, select_steps
 
 
@@ -28,7 +31,10 @@ class Demo:
     # directory of the certificates made for the tour (steps 06 on).
     args: tuple[str, ...]
     fails: bool = False  # a demo of an error: it must exit non-zero
-    program: str = "client.py"  # or "grpcurl" (the binary installed in the virtual env)
+    # "client.py"; "grpcurl" (the binary installed in the virtual env); "metrics" (the lines
+    # of the server's /metrics that start with args[0] and are not 0); "promql" (a real
+    # Prometheus, started with the step's deploy/ files, answers the query args[0]).
+    program: str = "client.py"
     env: tuple[tuple[str, str], ...] = ()  # environment variables set for this demo only
 
 
@@ -45,6 +51,14 @@ class TourEntry:
 
 def demo(*args: str, fails: bool = False, env: dict[str, str] | None = None) -> Demo:
     return Demo(args=(*args, "--target", "{target}"), fails=fails, env=tuple((env or {}).items()))
+
+
+def metrics(prefix: str) -> Demo:
+    return Demo(args=(prefix,), program="metrics")
+
+
+def promql(query: str) -> Demo:
+    return Demo(args=(query,), program="promql")
 
 
 def grpcurl(*args: str, data: str | None = None) -> Demo:
@@ -125,6 +139,19 @@ TOUR: dict[int, TourEntry] = {
             demo("hello", "--name", "Ada", "--user-id", "ada"),
         ),
     ),
+    8: TourEntry(
+        title="Prometheus metrics",
+        adds="go-grpc-prometheus metrics for every RPC on /metrics, alert rules, a real Prometheus",
+        shows='grpc_server_handled_total{grpc_code="InvalidArgument",grpc_method="SayHello",grpc_service="greeter.v1.Greeter",grpc_type="unary"} 1.0',
+        demos=(
+            demo("hello", "--name", "Ada", "--user-id", "ada"),
+            demo("hello", "--name", "Grace", "--user-id", "ada"),
+            demo("hello", "--name", "", "--user-id", "ada", fails=True),
+            demo("stream", "--name", "Ada", "--count", "2", "--user-id", "ada"),
+            metrics("grpc_server_handled_total"),
+            promql("sum by (grpc_method, grpc_code) (grpc_server_handled_total) > 0"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -132,6 +159,34 @@ BAR = "━" * 72
 
 def indent(text: str) -> str:
     return "".join(f"    {line}\n" for line in text.splitlines())
+
+
+def show_metrics(address: str, prefix: str) -> subprocess.CompletedProcess:
+    """The lines of /metrics that start with `prefix` and count something."""
+    print(f"$ curl -s http://{address}/metrics | grep '^{prefix}' | grep -v ' 0.0$'", flush=True)
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    shown = [line for line in lines if line.startswith(prefix) and not line.endswith(" 0.0")]
+    return subprocess.CompletedProcess(prefix, 0 if shown else 1, "\n".join(shown) + "\n", "")
+
+
+def ask_prometheus(step: Step, metrics_address: str, query: str) -> subprocess.CompletedProcess:
+    """Start a real Prometheus with the step's deploy/ files, scraping the server, and show
+    its answer to `query` once it has one. Without the binary, say how to get it."""
+    print(f"$ prometheus --config.file=deploy/prometheus.yml   # then ask: {query}", flush=True)
+    if shutil.which("prometheus") is None:
+        return subprocess.CompletedProcess(
+            query, 0, f"(skipped: needs `prometheus`: {INSTALL_HINT})\n", ""
+        )
+    with PrometheusProcess(step.path / "deploy", {"greeter:9464": metrics_address}) as prometheus:
+        deadline = time.monotonic() + 30
+        while not (answer := prometheus.query(query)) and time.monotonic() < deadline:
+            time.sleep(0.2)  # polling: the first scrape is queryable ~5.5 s after start
+    lines = [
+        f"{{{', '.join(f'{k}={v!r}' for k, v in r['metric'].items())}}} {r['value'][1]}"
+        for r in answer
+    ]
+    return subprocess.CompletedProcess(query, 0 if lines else 1, "\n".join(lines) + "\n", "")
 
 
 def run_entry(step: Step, entry: TourEntry) -> bool:
@@ -145,7 +200,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             server = ServerProcess(step.path, *extra, env=env)
             servers.append(server)
             print(f"$ python server.py --port 0 {shlex.join(extra)}".rstrip())
-            print(f"    listening on {server.address}", flush=True)
+            for name, address in server.addresses.items():
+                print(f"    {name} on {address}", flush=True)
         target = servers[0].address if servers else ""
         for d in entry.demos:
             certs = str(Path(workdir.name) / "certs")
@@ -156,6 +212,10 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 result = subprocess.run(
                     [grpcurl_binary, *args], capture_output=True, text=True, timeout=60
                 )
+            elif d.program == "metrics":
+                result = show_metrics(servers[0].addresses["metrics"], args[0])
+            elif d.program == "promql":
+                result = ask_prometheus(step, servers[0].addresses["metrics"], args[0])
             else:
                 shown_env = "".join(f"{name}={shlex.quote(value)} " for name, value in d.env)
                 print(f"$ {shown_env}python client.py {shlex.join(args)}", flush=True)

@@ -1,0 +1,111 @@
+"""A real Prometheus for the tour and the tests: the `prometheus` binary with a step's
+deploy/ configuration, scraping servers the caller started, with its own port and storage.
+
+    with PrometheusProcess(step_dir / "deploy", {"greeter:9464": metrics_address}) as prom:
+        prom.query('sum(grpc_server_handled_total)')
+
+Prometheus answers a query about its first scrape ~5.5 s after it starts (a fixed reload
+throttle, whatever the scrape interval): callers poll `query` until the answer is there.
+"""
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+INSTALL_HINT = "sudo apt-get install prometheus (Debian/Ubuntu), brew install prometheus (macOS)"
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (Prometheus cannot be told to pick one itself)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrometheusProcess:
+    """`prometheus` running with the files of `deploy_dir` (prometheus.yml and the rule files
+    beside it), each `targets` key replaced by its value, scraping every second."""
+
+    def __init__(self, deploy_dir: Path, targets: dict[str, str], ready_timeout: float = 30.0):
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError(f"needs `prometheus`: {INSTALL_HINT}")
+        self.directory = Path(tempfile.mkdtemp(prefix="prometheus-"))
+        for path in deploy_dir.glob("*.yml"):
+            shutil.copy(path, self.directory / path.name)
+        config = (self.directory / "prometheus.yml").read_text()
+        for placeholder, address in targets.items():
+            config = config.replace(placeholder, address)
+        config = config.replace("scrape_interval: 15s", "scrape_interval: 1s")
+        (self.directory / "prometheus.yml").write_text(config)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self._log = (self.directory / "prometheus.log").open("w")
+        self.process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={self.directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={self.directory / 'data'}",
+                f"--web.listen-address={self.url.removeprefix('http://')}",
+                "--log.level=warn",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            self._wait_until_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}:\n{self.log}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus not ready after {timeout}s:\n{self.log}")
+            time.sleep(0.05)  # polling a condition, not waiting for time to pass
+
+    @property
+    def log(self) -> str:
+        return (self.directory / "prometheus.log").read_text()
+
+    def query(self, promql: str) -> list[dict]:
+        """The result of an instant query: [{"metric": {labels}, "value": [time, "text"]}]."""
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            answer = json.load(response)
+        if answer["status"] != "success":
+            raise RuntimeError(f"{promql}: {answer}")
+        return answer["data"]["result"]
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> "PrometheusProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
