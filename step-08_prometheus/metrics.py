@@ -180,16 +180,16 @@ async def serving_metrics(host: str, port: int, registry: CollectorRegistry) -> 
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            async with asyncio.timeout(SCRAPE_TIMEOUT_SECONDS):
+            async with asyncio.timeout(SCRAPE_TIMEOUT_SECONDS):  # the whole exchange
                 head = await reader.readuntil(b"\r\n\r\n")  # request line and headers
-            status, body, content_type = metrics_response(head, registry)
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-            )
-            if not head.startswith(b"HEAD "):
-                writer.write(body)
-            await writer.drain()
+                status, body, content_type = metrics_response(head, registry)
+                writer.write(
+                    f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                )
+                if not head.startswith(b"HEAD "):
+                    writer.write(body)
+                await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass  # a client that is too slow, sends too much or goes away: just hang up
         finally:

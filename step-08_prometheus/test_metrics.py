@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import STEP_DIR, Request, messages, open_channel, rpc_error, run_client, say
 from greeter.v1 import greeter_pb2_grpc
-from metrics import GO_DEFAULT_BUCKETS
+from metrics import GO_DEFAULT_BUCKETS, MAX_REQUEST_BYTES
 from settings import parse_settings
 from tests.support.helpers import closed_port, eventually, require_binary
 from tools.processes import ServerProcess, run_script
@@ -182,6 +182,22 @@ async def test_metrics_answers_only_get_metrics(start_server):
     assert await asyncio.to_thread(status, "/metrics") == 200
     assert await asyncio.to_thread(status, "/") == 404
     assert await asyncio.to_thread(status, "/metrics", "POST") == 405
+
+
+async def test_metrics_hangs_up_on_an_oversized_request(start_server):
+    """A request head bigger than MAX_REQUEST_BYTES is not read into memory: the connection
+    is closed, and the endpoint goes on answering."""
+    address = (await start_server()).metrics_address
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /metrics HTTP/1.1\r\nX-Junk: " + b"x" * (MAX_REQUEST_BYTES * 2))
+    try:
+        answer = await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:  # closed with our bytes unread: the kernel resets
+        answer = b""
+    assert answer == b""  # hung up, no reply
+    writer.close()
+    assert "grpc_server_started_total" in str(await scrape(address))
 
 
 def test_metrics_port_comes_from_a_flag_or_the_environment():
