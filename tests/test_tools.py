@@ -118,6 +118,11 @@ def test_test_runner_fails_on_a_failing_test(tmp_path):
     result = tool("run_tests.py", "--root", str(tmp_path), env={"CI": ""})
     assert result.returncode == 1
     assert "1 passed, 1 failed, 0 skipped" in result.stdout
+    # The step's own line comes as it finishes, before the failure's output and the table.
+    line = result.stdout.index("step-01_scratch: FAILED (1 failed), 1 passed, 1 failed, 0 skipped")
+    assert (
+        line < result.stdout.index("===== step-01_scratch FAILED") < result.stdout.index("\nrun ")
+    )
 
 
 def test_test_runner_counts_a_skip_as_a_failure_in_ci(tmp_path):
