@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.otlp_receiver import OtlpReceiver
 from tools.processes import ServerProcess, demo_environment, run_script
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
 from tools.steps import ROOT, Step, select_steps
@@ -33,7 +34,8 @@ class Demo:
     fails: bool = False  # a demo of an error: it must exit non-zero
     # "client.py"; "grpcurl" (the binary installed in the virtual env); "metrics" (the lines
     # of the server's /metrics that start with args[0] and are not 0); "promql" (a real
-    # Prometheus, started with the step's deploy/ files, answers the query args[0]).
+    # Prometheus, started with the step's deploy/ files, answers the query args[0]); "trace"
+    # (the tree of the last client's trace, from the tour's OTLP receiver).
     program: str = "client.py"
     env: tuple[tuple[str, str], ...] = ()  # environment variables set for this demo only
 
@@ -47,6 +49,7 @@ class TourEntry:
     # (tests/test_tour.py) looks for it, as grpc-go's examples_test.sh greps its examples.
     shows: str
     servers: tuple[tuple[str, ...], ...] = field(default=((),))  # extra server.py args each
+    traces: bool = False  # servers and clients export spans to an OTLP receiver the tour runs
 
 
 def demo(*args: str, fails: bool = False, env: dict[str, str] | None = None) -> Demo:
@@ -55,6 +58,10 @@ def demo(*args: str, fails: bool = False, env: dict[str, str] | None = None) -> 
 
 def metrics(prefix: str) -> Demo:
     return Demo(args=(prefix,), program="metrics")
+
+
+def last_trace() -> Demo:
+    return Demo(args=(), program="trace")
 
 
 def promql(query: str) -> Demo:
@@ -152,6 +159,18 @@ TOUR: dict[int, TourEntry] = {
             promql("sum by (grpc_method, grpc_code) (grpc_server_handled_total) > 0"),
         ),
     ),
+    9: TourEntry(
+        title="OpenTelemetry tracing",
+        adds="one trace per call from the client through the server, exported over OTLP",
+        shows="greeter: SERVER greeter.v1.Greeter/StreamGreetings",
+        traces=True,
+        demos=(
+            demo("hello", "--name", "", "--user-id", "ada", fails=True),
+            last_trace(),
+            demo("stream", "--name", "Ada", "--count", "2", "--user-id", "ada"),
+            last_trace(),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -189,13 +208,36 @@ def ask_prometheus(step: Step, metrics_address: str, query: str) -> subprocess.C
     return subprocess.CompletedProcess(query, 0 if lines else 1, "\n".join(lines) + "\n", "")
 
 
+def show_last_trace(receiver: OtlpReceiver | None) -> subprocess.CompletedProcess:
+    """The tree of the newest client span's trace, once its server span has arrived."""
+    print("$ # the last trace, as the OTLP receiver got it", flush=True)
+    assert receiver is not None, "a trace demo needs an entry with traces=True"
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        clients = [s for s in receiver.spans if s.kind == "CLIENT"]
+        if clients and any(
+            s.kind == "SERVER" and s.trace_id == clients[-1].trace_id for s in receiver.spans
+        ):
+            return subprocess.CompletedProcess(
+                "trace", 0, receiver.tree(clients[-1].trace_id) + "\n", ""
+            )
+        time.sleep(0.05)  # polling: the server exports its spans in batches
+    return subprocess.CompletedProcess("trace", 1, "", "no complete trace arrived in 15 s\n")
+
+
 def run_entry(step: Step, entry: TourEntry) -> bool:
     print(f"\n{BAR}\nStep {step.label} · {entry.title}\n  adds: {entry.adds}\n{BAR}", flush=True)
     ok = True
     servers: list[ServerProcess] = []
     workdir = tempfile.TemporaryDirectory(prefix=f"tour-{step.label}-")
+    receiver = OtlpReceiver() if entry.traces else None
     try:
         env = demo_environment(step.path, Path(workdir.name))  # token, certificates
+        if receiver is not None:  # spans to the tour's receiver, in batches 0.1 s apart
+            env |= {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                "OTEL_BSP_SCHEDULE_DELAY": "100",
+            }
         for extra in entry.servers:
             server = ServerProcess(step.path, *extra, env=env)
             servers.append(server)
@@ -216,6 +258,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 result = show_metrics(servers[0].addresses["metrics"], args[0])
             elif d.program == "promql":
                 result = ask_prometheus(step, servers[0].addresses["metrics"], args[0])
+            elif d.program == "trace":
+                result = show_last_trace(receiver)
             else:
                 shown_env = "".join(f"{name}={shlex.quote(value)} " for name, value in d.env)
                 print(f"$ {shown_env}python client.py {shlex.join(args)}", flush=True)
@@ -239,6 +283,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 print(f"  ✗ server exited with {code}, expected 0")
                 ok = False
         workdir.cleanup()
+        if receiver is not None:
+            receiver.stop()
     print(f"{'✓' if ok else '✗'} step {step.label}", flush=True)
     return ok
 
