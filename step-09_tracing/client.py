@@ -172,7 +172,7 @@ async def run(args: argparse.Namespace) -> None:
     credentials = client_auth_interceptors(os.environ.get(TOKEN_VARIABLE), args.user_id)
     # The client starts the trace: its span is the parent of the server's.
     async with tracer_provider("greeter-client") as provider:
-        tracer = ClientTracer(provider)
+        tracer = ClientTracer(provider, args.target)
         channel = grpc.aio.secure_channel(
             args.target,
             channel_credentials(args.ca, args.cert, args.key),

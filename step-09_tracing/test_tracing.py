@@ -37,7 +37,7 @@ async def traced_call(address: str, **channel_options):
     """A channel whose calls are traced by the client, inside a root span of the test's own:
     yields (stub, trace id). On the way out the client's spans are exported."""
     async with tracer_provider("test-client") as provider:
-        tracer = ClientTracer(provider)
+        tracer = ClientTracer(provider, address)
         with provider.get_tracer("test").start_as_current_span("test") as root:
             trace_id = format(root.get_span_context().trace_id, "032x")
             async with open_channel(
@@ -73,7 +73,9 @@ async def test_one_trace_from_client_to_server(start_server, receiver, method):
     root, client, served = spans["INTERNAL"], spans["CLIENT"], spans["SERVER"]
     assert client.parent_span_id == root.span_id
     assert served.parent_span_id == client.span_id  # the server continued the client's trace
-    for span, service in [(client, "test-client"), (served, "greeter")]:
+    host, port = server.address.rsplit(":", 1)
+    where = {"server.address": host, "server.port": int(port)}  # the client's side only
+    for span, service, extra in [(client, "test-client", where), (served, "greeter", {})]:
         assert span.service == service
         assert span.name == f"{GREETER}/{method}"
         assert span.attributes == {
@@ -81,6 +83,7 @@ async def test_one_trace_from_client_to_server(start_server, receiver, method):
             "rpc.service": GREETER,
             "rpc.method": method,
             "rpc.grpc.status_code": 0,
+            **extra,
         }
         assert span.status == "UNSET"
         assert span.events == ()
@@ -201,7 +204,7 @@ async def test_with_a_sampling_ratio_of_zero_nothing_is_exported(
 async def test_health_and_reflection_are_not_traced(start_server, receiver):
     server = await start_server()
     async with tracer_provider("test-client") as provider:
-        tracer = ClientTracer(provider)
+        tracer = ClientTracer(provider, server.address)
         with provider.get_tracer("test").start_as_current_span("probe") as root:
             trace_id = format(root.get_span_context().trace_id, "032x")
             async with open_channel(server.address, interceptors=tracer.interceptors()) as ch:

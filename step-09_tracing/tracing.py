@@ -140,9 +140,13 @@ class ClientTracer:
     ended when the call ends, however it ends (a cancel included). `interceptors()` gives
     one per RPC kind; `flush()` waits for the spans of finished calls to be ended."""
 
-    def __init__(self, provider: TracerProvider):
+    def __init__(self, provider: TracerProvider, target: str):
         self._tracer = provider.get_tracer(__name__)
         self._pending: set[asyncio.Task] = set()
+        host, _, port = target.rpartition(":")  # "127.0.0.1:50051", "[::1]:50051"
+        self._server = {"server.address": host.strip("[]") or target}
+        if port.isdigit():
+            self._server["server.port"] = int(port)
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         return for_every_rpc_kind(self.intercept)
@@ -154,7 +158,12 @@ class ClientTracer:
         span = self._tracer.start_span(
             f"{service}/{method}",
             kind=SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": method,
+                **self._server,
+            },
         )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
