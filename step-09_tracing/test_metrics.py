@@ -9,6 +9,7 @@ import urllib.request
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import STEP_DIR, Request, messages, open_channel, rpc_error, run_client, say
@@ -129,13 +130,24 @@ async def test_health_and_reflection_calls_are_counted_too(start_server):
     server = await start_server()
     async with open_channel(server.address, token=None) as probe:
         await health_pb2_grpc.HealthStub(probe).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        replies = reflection_pb2_grpc.ServerReflectionStub(probe).ServerReflectionInfo(
+            iter([listing]), timeout=5
+        )
+        [reply] = [r async for r in replies]
+        assert reply.list_services_response.service
     check = rpc("unary", "Check", "grpc.health.v1.Health")
+    reflect = rpc("bidi_stream", "ServerReflectionInfo", "grpc.reflection.v1alpha.ServerReflection")
 
     async def counted() -> bool:
         samples = await scrape(server.metrics_address)
-        return value(samples, "grpc_server_handled_total", **check, grpc_code="OK") == 1
+        return (
+            value(samples, "grpc_server_handled_total", **check, grpc_code="OK") == 1
+            and value(samples, "grpc_server_handled_total", **reflect, grpc_code="OK") == 1
+            and value(samples, "grpc_server_msg_received_total", **reflect) == 1
+        )
 
-    await eventually(counted, message="the health check to be counted")
+    await eventually(counted, message="the health check and the reflection stream to be counted")
 
 
 async def test_every_method_and_code_starts_at_zero(start_server):

@@ -6,6 +6,7 @@ the spans of the last call exported on SIGTERM. Spans go to a real OTLP receiver
 import asyncio
 import contextlib
 import logging
+import time
 import urllib.request
 
 import grpc
@@ -26,7 +27,7 @@ from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from service import Greeter
 from tests.support.helpers import eventually
 from tools.otlp_receiver import OtlpReceiver
-from tools.processes import ServerProcess
+from tools.processes import ServerProcess, free_port
 from tracing import ClientTracer, tracer_provider
 
 GREETER = "greeter.v1.Greeter"
@@ -298,3 +299,33 @@ async def test_a_cancelled_stream_still_stops_the_server_at_once_with_tracing_on
         await cancel(stub, "StreamGreetings")
     spans = await spans_of(receiver, trace_id, 3)
     assert spans["SERVER"].duration_ms < 1500  # 10 replies 0.3 s apart would take 2.7 s
+
+
+async def test_a_collector_that_is_down_fails_no_call_and_is_reported_once():
+    """The collector is down: calls succeed, the CLI does not hang at exit, the server says
+    once that it drops spans (no error per batch), and once the collector is back, spans
+    arrive again without a restart."""
+    port = free_port()  # where the collector will be, once it is started
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "50",
+    }
+    with ServerProcess(STEP_DIR, env=env) as server:
+        for _ in range(3):
+            started = time.monotonic()
+            result = run_client("hello", "--name", "Ada", "--target", server.address, env=env)
+            assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
+            assert time.monotonic() - started < 6, "the client waited for the collector"
+        await eventually(lambda: "traces cannot be exported" in server.output, message="the report")
+        with OtlpReceiver(port=port) as collector:
+            async with open_channel(server.address) as channel:
+                await greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)
+            await eventually(
+                lambda: any(s.kind == "SERVER" for s in collector.spans),
+                timeout=30,  # the exporter's channel retries with a backoff
+                message="spans after the collector came back",
+            )
+            assert server.stop() == 0
+    assert server.output.count("traces cannot be exported") == 1
+    assert "traces are exported to" in server.output and " again (" in server.output
+    assert "ERROR" not in server.output and "Traceback" not in server.output

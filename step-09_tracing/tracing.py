@@ -22,7 +22,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from interceptors import Behaviour, for_every_rpc_kind, status_of, wrap_handler
@@ -30,6 +30,11 @@ from interceptors import Behaviour, for_every_rpc_kind, status_of, wrap_handler
 log = logging.getLogger("greeter.tracing")
 
 ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+EXPORT_TIMEOUT_SECONDS = 2.0  # per batch, retries included (OTEL_EXPORTER_OTLP_TIMEOUT wins)
+
+# The exporter logs every failed batch, twice, with the whole gRPC error: ReportingExporter
+# says it once per outage instead.
+logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(logging.CRITICAL)
 
 # The codes that make a span an error: on the server, those that mean the server failed
 # (OpenTelemetry's RPC conventions); on the client, every code but OK.
@@ -52,14 +57,54 @@ async def tracer_provider(default_service_name: str) -> AsyncIterator[TracerProv
         {"service.name": os.environ.get("OTEL_SERVICE_NAME") or default_service_name}
     )
     provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER*
-    if any(os.environ.get(name) for name in ENDPOINT_VARIABLES):
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    if endpoint := next((os.environ[n] for n in ENDPOINT_VARIABLES if os.environ.get(n)), None):
+        # The collector is a dependency that may be down: an export gives up after a few
+        # seconds (not the exporter's default 10 s, which a CLI would wait at every exit),
+        # and an outage is reported once, not at every batch.
+        timeout = None if os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT") else EXPORT_TIMEOUT_SECONDS
+        exporter = ReportingExporter(OTLPSpanExporter(timeout=timeout), endpoint)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     else:
         log.info("traces are not exported: set OTEL_EXPORTER_OTLP_ENDPOINT to export them")
     try:
         yield provider
     finally:
         await asyncio.to_thread(provider.shutdown)
+
+
+class ReportingExporter(SpanExporter):
+    """The OTLP exporter, saying once when the collector stops taking spans and once when it
+    takes them again. Spans of batches that could not be sent are dropped (and counted in
+    the warning): tracing never holds up or fails a call."""
+
+    def __init__(self, exporter: SpanExporter, endpoint: str):
+        self._exporter, self._endpoint = exporter, endpoint
+        self._dropped = 0  # since the collector went away; 0 while it takes spans
+
+    def export(self, spans) -> SpanExportResult:
+        result = self._exporter.export(spans)
+        if result is SpanExportResult.SUCCESS:
+            if self._dropped:
+                log.info(
+                    "traces are exported to %s again (%d spans were dropped)",
+                    self._endpoint,
+                    self._dropped,
+                )
+                self._dropped = 0
+        else:
+            if not self._dropped:
+                log.warning(
+                    "traces cannot be exported to %s: dropping spans until it is back",
+                    self._endpoint,
+                )
+            self._dropped += len(spans)
+        return result
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
 
 
 def code_attribute(code: grpc.StatusCode) -> int:

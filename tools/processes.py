@@ -9,6 +9,7 @@ import queue
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +21,14 @@ ADDRESS_LINE = re.compile(r"^(\w+) on (\S+)$")
 # Servers started here bind every port they open to a free one: from step 08 on that
 # includes /metrics, whose default port would collide between servers running at once.
 FREE_PORTS = {"GREETER_METRICS_PORT": "0"}
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now, for a program that cannot be told to
+    pick one itself (Prometheus), or one a test starts later on purpose."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 class ServerProcess:

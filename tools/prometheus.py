@@ -10,7 +10,6 @@ throttle, whatever the scrape interval): callers poll `query` until the answer i
 
 import json
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,14 +18,9 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from tools.processes import free_port
+
 INSTALL_HINT = "sudo apt-get install prometheus (Debian/Ubuntu), brew install prometheus (macOS)"
-
-
-def free_port() -> int:
-    """A port nothing listens on right now (Prometheus cannot be told to pick one itself)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class PrometheusProcess:
