@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import getpass
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass

@@ -22,15 +22,9 @@ import asyncio
 import contextlib
 import getpass
 import logging
-import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-
-# gRPC's C core writes log lines of its own to stderr (a failed TLS handshake gives four).
-# This client reports each failure in one line, so the core stays quiet unless you ask
-# (GRPC_VERBOSITY=INFO python client.py ...). It is read when grpc is imported: keep it here.
-os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 
