@@ -1,0 +1,97 @@
+"""The Greeter's side of the Logger: one channel, opened when the server starts and reused by
+every call, and `GreetingLog.record`, which reports a greeting and never fails the greeting.
+
+The log entry is a side effect; the greeting is the product. So a call to the Logger has a
+deadline (GREETER_LOGGER_TIMEOUT), and when it fails (the Logger is down, slow, or refuses
+the call) the Greeter logs one WARNING, counts it in greeter_unlogged_greetings_total, and
+answers its caller as if nothing happened. README, "When the Logger is slow or down".
+"""
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry, Counter
+
+from auth import client_auth_interceptors
+from caller import current_user_id
+from logger.v1 import logger_pb2, logger_pb2_grpc
+from metrics import GO_CODE_NAMES, ClientMetrics
+from settings import Settings
+from tls import TlsConfigError, channel_credentials
+from tracing import ClientTracer
+
+# Who the Greeter is to the Logger: the x-user-id of its calls, stored as `recorded_by`.
+GREETER_USER_ID = "greeter"
+
+log = logging.getLogger("greeter.logger_client")
+
+
+class GreetingLog:
+    """Reports greetings to the Logger through one shared stub."""
+
+    def __init__(self, stub: logger_pb2_grpc.LoggerStub, timeout: float, unlogged: Counter):
+        self._stub, self._timeout, self._unlogged = stub, timeout, unlogged
+
+    async def record(self, names: Sequence[str], method: str) -> None:
+        """Report that the current caller was greeted by `method`; waits at most the Logger
+        timeout, and never raises for a failed call."""
+        greeting = logger_pb2.Greeting(names=names, user_id=current_user_id(), method=method)
+        greeting.greeted_at.GetCurrentTime()
+        try:
+            await self._stub.Record(
+                logger_pb2.RecordRequest(greeting=greeting), timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            self._unlogged.labels(GO_CODE_NAMES[err.code()]).inc()
+            details = " ".join((err.details() or "").split())
+            log.warning(
+                "%s greeting not logged: Logger answered %s: %s", method, err.code().name, details
+            )
+
+
+@contextlib.asynccontextmanager
+async def connected_greeting_log(
+    settings: Settings, registry: CollectorRegistry, provider: TracerProvider
+) -> AsyncIterator[GreetingLog]:
+    """A GreetingLog over a channel to settings.logger_target for the block: TLS verified
+    against the Logger's CA, the Logger's token on every call, client metrics and spans."""
+    try:
+        credentials = channel_credentials(
+            settings.logger_ca, settings.logger_cert, settings.logger_key
+        )
+    except TlsConfigError as err:
+        raise TlsConfigError(f"the Logger's TLS settings: {err}") from None
+    metrics = ClientMetrics(registry)
+    metrics.initialize([logger_pb2.DESCRIPTOR.services_by_name["Logger"]])
+    unlogged = Counter(
+        "greeter_unlogged_greetings_total",
+        "Greetings whose Logger entry was lost, by the status of the failed Logger call.",
+        ["grpc_code"],
+        registry=registry,
+    )
+    for code_name in GO_CODE_NAMES.values():  # every series at 0, as ClientMetrics does
+        unlogged.labels(code_name)
+    tracer = ClientTracer(provider, settings.logger_target)
+    channel = grpc.aio.secure_channel(
+        settings.logger_target,
+        credentials,
+        # Outermost first: the span covers the whole call, the metrics time it, and the
+        # credentials are added last.
+        interceptors=[
+            *tracer.interceptors(),
+            metrics,
+            *client_auth_interceptors(settings.logger_token, GREETER_USER_ID),
+        ],
+    )
+    # Connect now rather than at the first greeting, which then need not wait for the TLS
+    # handshake. The Greeter starts either way: a Logger that is not up yet is retried by
+    # the channel in the background.
+    channel.get_state(try_to_connect=True)
+    try:
+        yield GreetingLog(logger_pb2_grpc.LoggerStub(channel), settings.logger_timeout, unlogged)
+    finally:
+        await channel.close()
+        await tracer.flush()
