@@ -18,11 +18,14 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+import logger_server
+import server
 from auth import TOKEN_VARIABLE, client_auth_interceptors
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
-from server import RunningServer, running_server
+from logger.v1 import logger_pb2, logger_pb2_grpc
 from service import Greeter
-from settings import Settings
+from serving import RunningServer
+from settings import LoggerSettings, Settings
 from tests.support.helpers import require_binary
 from tls import channel_credentials
 from tools.otlp_receiver import OtlpReceiver
@@ -33,6 +36,7 @@ STEP_DIR = Path(__file__).parent
 FAST_STREAM_INTERVAL = 0.02
 # A fresh secret per test run, as a deployment would have: nothing to leak from the repo.
 TEST_TOKEN = secrets.token_urlsafe(32)
+LOGGER_TEST_TOKEN = secrets.token_urlsafe(32)  # the Logger's own
 TEST_USER = "ada"
 # Fresh keys and certificates per test run, made by ./gen_certs.sh (session fixture below).
 CERTS = Path(tempfile.mkdtemp(prefix="greeter-certs-"))
@@ -58,10 +62,24 @@ def secrets_in_the_environment():
     tls_environment = make_certificates(STEP_DIR, CERTS)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(TOKEN_VARIABLE, TEST_TOKEN)
+        patch.setenv("LOGGER_AUTH_TOKEN", LOGGER_TEST_TOKEN)
         for name, value in tls_environment.items():
             patch.setenv(name, value)
         yield
     shutil.rmtree(CERTS)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def logger_process(receiver, secrets_in_the_environment):
+    """`python logger_server.py --port 0`, running for the whole session: every Greeter
+    process a test starts reports to it (GREETER_LOGGER_TARGET), as a learner's does to the
+    Logger beside it. In-process Greeters get a Logger of their own (`start_server`)."""
+    with (
+        ServerProcess(STEP_DIR, script="logger_server.py") as process,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setenv("GREETER_LOGGER_TARGET", process.address)
+        yield process
 
 
 @pytest.fixture(scope="session")
@@ -72,16 +90,22 @@ def other_certs(tmp_path_factory) -> Path:
     return directory
 
 
-def server_settings(**overrides) -> Settings:
+def server_settings(settings_class=Settings, **overrides):
     """Server settings for tests: loopback, a free port, half a second of grace, the test
-    token, TLS."""
-    return Settings(
+    tokens, TLS. The Greeter's by default; `settings_class=LoggerSettings` for the Logger."""
+    if settings_class is Settings:
+        overrides = {
+            "logger_token": LOGGER_TEST_TOKEN,
+            "logger_ca": str(CERTS / "ca.crt"),
+            **overrides,
+        }
+    return settings_class(
         **{
             "host": "127.0.0.1",
             "port": 0,
             "grace": 0.5,
             "metrics_port": 0,
-            "token": TEST_TOKEN,
+            "token": TEST_TOKEN if settings_class is Settings else LOGGER_TEST_TOKEN,
             "tls_cert": str(CERTS / "server.crt"),
             "tls_key": str(CERTS / "server.key"),
             **overrides,
@@ -111,10 +135,11 @@ def open_channel(
 
 @dataclass
 class ServerInTest:
-    """A server started through running_server(), the lifetime serve() uses."""
+    """A server started through its running_server(), the lifetime serve() uses."""
 
     running: RunningServer
     lifetime: contextlib.AsyncExitStack
+    logger: "ServerInTest | None" = None  # the Logger a Greeter was started with
 
     @property
     def address(self) -> str:
@@ -124,25 +149,56 @@ class ServerInTest:
     def metrics_address(self) -> str:
         return self.running.metrics_address
 
+    @property
+    def servicer(self):
+        return self.running.servicer
+
     def shut_down(self) -> asyncio.Task:
         """Leave the lifetime, as serve() does on SIGTERM, in a task the test can watch."""
         return asyncio.create_task(self.lifetime.aclose())
 
 
 @pytest.fixture
-async def start_server():
-    """Start real servers (this folder's wiring and lifetime) on free loopback ports, in the
-    test's loop: `server = await start_server(servicer, grace=10)`. Each one still running
-    at the end of the test is shut down."""
+async def start_logger():
+    """Start real Logger servers on free loopback ports, in the test's loop:
+    `logger = await start_logger(servicer_class, port=...)`. Shut down at the end."""
     lifetimes = []
 
-    async def start(servicer=None, **overrides) -> ServerInTest:
+    async def start(servicer_class=None, **overrides) -> ServerInTest:
+        lifetime = contextlib.AsyncExitStack()
+        lifetimes.append(lifetime)
+        settings = server_settings(LoggerSettings, **overrides)
+        running = await lifetime.enter_async_context(
+            logger_server.running_server(
+                settings, servicer_class or logger_server.GreetingLogService
+            )
+        )
+        return ServerInTest(running, lifetime)
+
+    yield start
+    for lifetime in reversed(lifetimes):
+        await lifetime.aclose()  # does nothing for a server the test shut down
+
+
+@pytest.fixture
+async def start_server(start_logger):
+    """Start real Greeter servers (this folder's wiring and lifetime) on free loopback ports,
+    in the test's loop: `server = await start_server(servicer_class, grace=10)`. Each one
+    gets a Logger of its own (`server.logger`) unless `logger_target` says where one is.
+    Each one still running at the end of the test is shut down."""
+    lifetimes = []
+
+    async def start(servicer_class=None, **overrides) -> ServerInTest:
+        logger = None
+        if "logger_target" not in overrides:
+            logger = await start_logger()
+            overrides["logger_target"] = logger.address
         lifetime = contextlib.AsyncExitStack()
         lifetimes.append(lifetime)
         running = await lifetime.enter_async_context(
-            running_server(server_settings(**overrides), servicer)
+            server.running_server(server_settings(**overrides), servicer_class or Greeter)
         )
-        return ServerInTest(running, lifetime)
+        return ServerInTest(running, lifetime, logger)
 
     yield start
     for lifetime in reversed(lifetimes):
@@ -185,12 +241,29 @@ def start_client(*args: str, **kwargs) -> subprocess.Popen[str]:
 
 @pytest.fixture
 def server_process():
-    """`python server.py --port 0` as a learner runs it."""
+    """`python server.py --port 0` as a learner runs it (its Logger: `logger_process`)."""
     with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
         yield process
 
 
 Request = greeter_pb2.HelloRequest
+
+
+def logger_channel(address: str, **credentials) -> grpc.aio.Channel:
+    """A channel to a Logger whose calls carry the Logger's token (`token`, `user_id`: as
+    for open_channel)."""
+    return open_channel(
+        address, **{"token": LOGGER_TEST_TOKEN, "user_id": TEST_USER, **credentials}
+    )
+
+
+async def logged_greetings(logger_address: str, limit: int = 100) -> list[logger_pb2.Entry]:
+    """The entries the Logger holds, oldest first, read as any client reads them."""
+    async with logger_channel(logger_address) as channel:
+        reply = await logger_pb2_grpc.LoggerStub(channel).ListRecent(
+            logger_pb2.ListRecentRequest(limit=limit), timeout=5
+        )
+    return list(reversed(reply.entries))
 
 
 async def rpc_error(call) -> grpc.aio.AioRpcError:
@@ -243,8 +316,8 @@ class GatedGreeter(Greeter):
     """The real Greeter, but SayHello waits until the test opens the gate: an in-flight call
     the test controls."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, *args):
+        super().__init__(*args)
         self.entered = asyncio.Event()
         self.gate = asyncio.Event()
 

@@ -7,6 +7,7 @@ the call) the Greeter logs one WARNING, counts it in greeter_unlogged_greetings_
 answers its caller as if nothing happened. README, "When the Logger is slow or down".
 """
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -34,10 +35,23 @@ class GreetingLog:
 
     def __init__(self, stub: logger_pb2_grpc.LoggerStub, timeout: float, unlogged: Counter):
         self._stub, self._timeout, self._unlogged = stub, timeout, unlogged
+        self._in_flight: set[asyncio.Task] = set()
 
     async def record(self, names: Sequence[str], method: str) -> None:
         """Report that the current caller was greeted by `method`; waits at most the Logger
-        timeout, and never raises for a failed call."""
+        timeout, and never raises for a failed call. A caller that goes away meanwhile does
+        not cancel the report (the greeting was made): it completes in the background."""
+        # The task copies this call's context: the report continues its trace and knows its user.
+        task = asyncio.create_task(self._report(names, method))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        await asyncio.shield(task)
+
+    async def finish(self) -> None:
+        """Wait for the reports still in flight (each ends within the Logger timeout)."""
+        await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _report(self, names: Sequence[str], method: str) -> None:
         greeting = logger_pb2.Greeting(names=names, user_id=current_user_id(), method=method)
         greeting.greeted_at.GetCurrentTime()
         try:
@@ -48,7 +62,10 @@ class GreetingLog:
             self._unlogged.labels(GO_CODE_NAMES[err.code()]).inc()
             details = " ".join((err.details() or "").split())
             log.warning(
-                "%s greeting not logged: Logger answered %s: %s", method, err.code().name, details
+                "%s greeting not logged: the Logger call failed with %s: %s",
+                method,
+                err.code().name,
+                details,
             )
 
 
@@ -90,8 +107,12 @@ async def connected_greeting_log(
     # handshake. The Greeter starts either way: a Logger that is not up yet is retried by
     # the channel in the background.
     channel.get_state(try_to_connect=True)
+    greeting_log = GreetingLog(
+        logger_pb2_grpc.LoggerStub(channel), settings.logger_timeout, unlogged
+    )
     try:
-        yield GreetingLog(logger_pb2_grpc.LoggerStub(channel), settings.logger_timeout, unlogged)
+        yield greeting_log
     finally:
+        await greeting_log.finish()  # the server has stopped: no new report can start
         await channel.close()
         await tracer.flush()

@@ -18,14 +18,17 @@ from logger_client import connected_greeting_log
 from service import Greeter
 from settings import Settings, parse_settings
 
+# Requests and replies are small: a name of at most 100 characters.
+MAX_MESSAGE_BYTES = 4 * 1024
+
 GREETER = serving.Service(
     name="greeter",
-    descriptor=greeter_pb2.DESCRIPTOR.services_by_name["Greeter"],  # greeter.v1.Greeter
+    descriptor=greeter_pb2.DESCRIPTOR.services_by_name["Greeter"],
     register=greeter_pb2_grpc.add_GreeterServicer_to_server,
-    # Requests and replies are small: a name of at most 100 characters.
-    max_request_bytes=4 * 1024,
-    max_reply_bytes=4 * 1024,
+    max_request_bytes=MAX_MESSAGE_BYTES,
+    max_reply_bytes=MAX_MESSAGE_BYTES,
 )
+GREETER_SERVICE = GREETER.descriptor.full_name  # greeter.v1.Greeter
 
 
 def running_server(

@@ -183,7 +183,7 @@ class WhoAmIGreeter(Greeter):
 
 
 async def test_handlers_know_the_authenticated_user(start_server):
-    address = (await start_server(WhoAmIGreeter())).address
+    address = (await start_server(WhoAmIGreeter)).address
     async with open_channel(address, user_id="grace") as channel:
         reply = await greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)
     assert reply.message == "you are grace"

@@ -86,8 +86,8 @@ async def test_shutdown_reports_not_serving_first_then_drains_then_stops(start_s
     """A health Watch sees NOT_SERVING the moment shutdown begins, while an in-flight call
     is still running and new calls are still served (the drain delay); then the server
     drains the in-flight call, ends the Watch and stops."""
-    greeter = GatedGreeter()
-    server = await start_server(greeter, grace=10, drain_delay=30)
+    server = await start_server(GatedGreeter, grace=10, drain_delay=30)
+    greeter = server.servicer
     async with raw_channel(server.address) as probe, open_channel(server.address) as channel:
         watch = health_pb2_grpc.HealthStub(probe).Watch(
             HealthRequest(service=GREETER_SERVICE), timeout=10

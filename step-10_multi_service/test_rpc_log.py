@@ -123,7 +123,7 @@ class BrokenGreeter(Greeter):
 
 async def test_a_failing_handler_is_logged_with_its_traceback(start_server, caplog):
     caplog.set_level(logging.INFO, logger="greeter.rpc")
-    address = (await start_server(BrokenGreeter())).address
+    address = (await start_server(BrokenGreeter)).address
     async with open_channel(address) as channel:
         error = await rpc_error(
             greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)

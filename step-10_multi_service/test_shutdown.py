@@ -14,8 +14,8 @@ from tools.processes import ServerProcess, run_script
 
 
 async def test_shutdown_lets_an_in_flight_call_finish_and_refuses_new_ones(start_server):
-    greeter = GatedGreeter()
-    server = await start_server(greeter, grace=10)
+    server = await start_server(GatedGreeter, grace=10)
+    greeter = server.servicer
     address = server.address
 
     async with open_channel(address) as channel:

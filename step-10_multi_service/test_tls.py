@@ -41,7 +41,7 @@ def start_caller_server(start_server):
     """Start a CallerGreeter server with the test settings plus `overrides`; its address."""
 
     async def start(**overrides) -> str:
-        return (await start_server(CallerGreeter(), **overrides)).address
+        return (await start_server(CallerGreeter, **overrides)).address
 
     return start
 

@@ -1,7 +1,9 @@
-"""Start a step's server as a real process and find its address; run a step's scripts.
+"""Start a step's servers as real processes and find their addresses; run a step's scripts.
 
 Shared by the tour (tools/tour.py) and the steps' tests, so both drive servers the same way
 a learner does: `python server.py --port 0`, then read the `listening on HOST:PORT` line.
+From step 10 on a step has several services: `StepServices` starts each one the step has,
+dependencies first, and points the later ones at the earlier ones' addresses.
 """
 
 import os
@@ -13,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 # `listening on HOST:PORT` says the server is ready; a second port is announced before it in
@@ -20,7 +23,7 @@ from pathlib import Path
 ADDRESS_LINE = re.compile(r"^(\w+) on (\S+)$")
 # Servers started here bind every port they open to a free one: from step 08 on that
 # includes /metrics, whose default port would collide between servers running at once.
-FREE_PORTS = {"GREETER_METRICS_PORT": "0"}
+FREE_PORTS = {"GREETER_METRICS_PORT": "0", "LOGGER_METRICS_PORT": "0"}
 
 
 def free_port() -> int:
@@ -114,6 +117,69 @@ class ServerProcess:
         self.stop()
 
 
+@dataclass(frozen=True)
+class ServiceScript:
+    name: str  # "logger"
+    script: str  # "logger_server.py"
+    # The variable through which the services started after this one find its address.
+    address_variable: str | None = None
+
+
+# Every service a step may have, in the order they start: dependencies first.
+SERVICES = (
+    ServiceScript("logger", "logger_server.py", address_variable="GREETER_LOGGER_TARGET"),
+    ServiceScript("greeter", "server.py"),
+)
+
+
+class StepServices:
+    """Every service of a step as a real process, each on a free port, wired together:
+    `services["greeter"].address`. `args` adds arguments per service name. Stops them in
+    reverse order (callers first) and keeps their exit codes in `returncodes`."""
+
+    def __init__(
+        self,
+        step_dir: Path,
+        env: dict[str, str] | None = None,
+        args: dict[str, tuple[str, ...]] | None = None,
+    ):
+        self.processes: dict[str, ServerProcess] = {}
+        self.returncodes: dict[str, int] = {}
+        self.wiring: dict[str, dict[str, str]] = {}  # the addresses each service was given
+        wiring: dict[str, str] = {}
+        try:
+            for service in SERVICES:
+                if not (step_dir / service.script).exists():
+                    continue
+                process = ServerProcess(
+                    step_dir,
+                    *(args or {}).get(service.name, ()),
+                    script=service.script,
+                    env={**(env or {}), **wiring},
+                )
+                self.processes[service.name] = process
+                self.wiring[service.name] = dict(wiring)
+                if service.address_variable:
+                    wiring[service.address_variable] = process.address
+        except BaseException:
+            self.stop()
+            raise
+
+    def __getitem__(self, name: str) -> ServerProcess:
+        return self.processes[name]
+
+    def stop(self) -> dict[str, int]:
+        for name, process in reversed(self.processes.items()):
+            self.returncodes[name] = process.stop()
+        return self.returncodes
+
+    def __enter__(self) -> "StepServices":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 def run_script(
     step_dir: Path,
     script: str,
@@ -144,14 +210,20 @@ def make_certificates(step_dir: Path, out_dir: Path) -> dict[str, str]:
         "GREETER_TLS_CERT": str(out_dir / "server.crt"),
         "GREETER_TLS_KEY": str(out_dir / "server.key"),
         "GREETER_TLS_CA": str(out_dir / "ca.crt"),
+        # From step 10 on: the Logger's certificate, and the CA the Greeter trusts it by.
+        "LOGGER_TLS_CERT": str(out_dir / "server.crt"),
+        "LOGGER_TLS_KEY": str(out_dir / "server.key"),
+        "GREETER_LOGGER_TLS_CA": str(out_dir / "ca.crt"),
     }
 
 
 def demo_environment(step_dir: Path, workdir: Path) -> dict[str, str]:
     """The set-up a learner does by hand before running a step, done for the tour and the
-    README tests: a fresh auth token (used from step 05 on) and, for a step with
-    gen_certs.sh (06 on), certificates in workdir."""
+    README tests: a fresh auth token (used from step 05 on), one for the Logger (10 on), and,
+    for a step with gen_certs.sh (06 on), certificates in workdir."""
     env = {"GREETER_AUTH_TOKEN": secrets.token_urlsafe(32)}
+    if (step_dir / "logger_server.py").exists():
+        env["LOGGER_AUTH_TOKEN"] = secrets.token_urlsafe(32)
     if (step_dir / "gen_certs.sh").exists():
         env |= make_certificates(step_dir, workdir / "certs")
     return env

@@ -2,9 +2,10 @@
 
     python tools/tour.py [NN]      (make tour [STEP=NN])
 
-For each step: a banner with its title and what it adds, its server(s) started with
-`--port 0`, each client demo run against them with its output shown, the servers stopped
-(SIGTERM, exit code 0 expected) and their logs shown. Exit code 1 if any demo or server
+For each step: a banner with its title and what it adds, its servers started with
+`--port 0` (from step 10 on the Logger first, then the Greeter pointed at it), each client
+demo run against the Greeter with its output shown, the servers stopped (SIGTERM, exit code 0
+expected) and their logs shown. Exit code 1 if any demo or server
 misbehaves.
 """
 
@@ -16,26 +17,28 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.otlp_receiver import OtlpReceiver
-from tools.processes import ServerProcess, demo_environment, run_script
+from tools.processes import StepServices, demo_environment, run_script
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
 from tools.steps import ROOT, Step, select_steps
 
 
 @dataclass(frozen=True)
 class Demo:
-    # The program's arguments; "{target}" becomes the server address, "{certs}" the
-    # directory of the certificates made for the tour (steps 06 on).
+    # The program's arguments; "{target}" becomes the Greeter's address, "{logger}" the
+    # Logger's (steps 10 on), "{certs}" the directory of the certificates made for the tour
+    # (steps 06 on), and "$LOGGER_AUTH_TOKEN" that token (shown as written, run with it).
     args: tuple[str, ...]
     fails: bool = False  # a demo of an error: it must exit non-zero
     # "client.py"; "grpcurl" (the binary installed in the virtual env); "metrics" (the lines
     # of the server's /metrics that start with args[0] and are not 0); "promql" (a real
     # Prometheus, started with the step's deploy/ files, answers the query args[0]); "trace"
-    # (the tree of the last client's trace, from the tour's OTLP receiver).
+    # (the tree of the last client's trace, from the tour's OTLP receiver); "stop" (stops
+    # the service args[0], as `kill -TERM` would).
     program: str = "client.py"
     env: tuple[tuple[str, str], ...] = ()  # environment variables set for this demo only
 
@@ -48,7 +51,6 @@ class TourEntry:
     # A line of the tour's output that shows the step's feature working; the tour's test
     # (tests/test_tour.py) looks for it, as grpc-go's examples_test.sh greps its examples.
     shows: str
-    servers: tuple[tuple[str, ...], ...] = field(default=((),))  # extra server.py args each
     traces: bool = False  # servers and clients export spans to an OTLP receiver the tour runs
 
 
@@ -64,14 +66,22 @@ def last_trace() -> Demo:
     return Demo(args=(), program="trace")
 
 
+def stop(service: str) -> Demo:
+    return Demo(args=(service,), program="stop")
+
+
 def promql(query: str) -> Demo:
     return Demo(args=(query,), program="promql")
 
 
-def grpcurl(*args: str, data: str | None = None) -> Demo:
-    """`grpcurl [-d data] SERVER args...`, trusting the tour's CA."""
+def grpcurl(
+    *args: str, data: str | None = None, server: str = "{target}", headers: tuple[str, ...] = ()
+) -> Demo:
+    """`grpcurl [-H header ...] [-d data] SERVER args...`, trusting the tour's CA."""
     flags = ("-cacert", "{certs}/ca.crt", *(("-d", data) if data else ()))
-    return Demo(args=(*flags, "{target}", *args), program="grpcurl")
+    for header in headers:
+        flags += ("-H", header)
+    return Demo(args=(*flags, server, *args), program="grpcurl")
 
 
 TOUR: dict[int, TourEntry] = {
@@ -171,6 +181,25 @@ TOUR: dict[int, TourEntry] = {
             last_trace(),
         ),
     ),
+    10: TourEntry(
+        title="A second service",
+        adds="the Greeter reports every greeting to a Logger service over gRPC; a Logger that is down costs a warning, not a greeting",
+        shows="logger: SERVER logger.v1.Logger/Record",
+        traces=True,
+        demos=(
+            demo("hello", "--name", "Ada", "--user-id", "ada"),
+            demo("chat", "--message", "Ada", "--message", "Grace", "--user-id", "ada"),
+            last_trace(),
+            grpcurl(
+                "logger.v1.Logger/ListRecent",
+                server="{logger}",
+                headers=("authorization: Bearer $LOGGER_AUTH_TOKEN", "x-user-id: ada"),
+            ),
+            stop("logger"),
+            demo("hello", "--name", "Ada", "--user-id", "ada"),
+            metrics("greeter_unlogged_greetings_total"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -178,6 +207,12 @@ BAR = "━" * 72
 
 def indent(text: str) -> str:
     return "".join(f"    {line}\n" for line in text.splitlines())
+
+
+def fill(text: str, places: dict[str, str]) -> str:
+    for placeholder, value in places.items():
+        text = text.replace(placeholder, value)
+    return text
 
 
 def show_metrics(address: str, prefix: str) -> subprocess.CompletedProcess:
@@ -208,16 +243,20 @@ def ask_prometheus(step: Step, metrics_address: str, query: str) -> subprocess.C
     return subprocess.CompletedProcess(query, 0 if lines else 1, "\n".join(lines) + "\n", "")
 
 
-def show_last_trace(receiver: OtlpReceiver | None) -> subprocess.CompletedProcess:
-    """The tree of the newest client span's trace, once its server span has arrived."""
+def show_last_trace(receiver: OtlpReceiver | None, services: int) -> subprocess.CompletedProcess:
+    """The tree of the newest client span's trace, once it holds a SERVER span from each of
+    the step's `services` (so a trace demo follows a call that reaches all of them)."""
     print("$ # the last trace, as the OTLP receiver got it", flush=True)
     assert receiver is not None, "a trace demo needs an entry with traces=True"
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         clients = [s for s in receiver.spans if s.kind == "CLIENT"]
-        if clients and any(
-            s.kind == "SERVER" and s.trace_id == clients[-1].trace_id for s in receiver.spans
-        ):
+        servers = [
+            s
+            for s in receiver.spans
+            if clients and s.kind == "SERVER" and s.trace_id == clients[-1].trace_id
+        ]
+        if len(servers) >= services:
             return subprocess.CompletedProcess(
                 "trace", 0, receiver.tree(clients[-1].trace_id) + "\n", ""
             )
@@ -228,38 +267,48 @@ def show_last_trace(receiver: OtlpReceiver | None) -> subprocess.CompletedProces
 def run_entry(step: Step, entry: TourEntry) -> bool:
     print(f"\n{BAR}\nStep {step.label} · {entry.title}\n  adds: {entry.adds}\n{BAR}", flush=True)
     ok = True
-    servers: list[ServerProcess] = []
+    services: StepServices | None = None
     workdir = tempfile.TemporaryDirectory(prefix=f"tour-{step.label}-")
     receiver = OtlpReceiver() if entry.traces else None
     try:
-        env = demo_environment(step.path, Path(workdir.name))  # token, certificates
+        env = demo_environment(step.path, Path(workdir.name))  # tokens, certificates
         if receiver is not None:  # spans to the tour's receiver, in batches 0.1 s apart
             env |= {
                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
             }
-        for extra in entry.servers:
-            server = ServerProcess(step.path, *extra, env=env)
-            servers.append(server)
-            print(f"$ python server.py --port 0 {shlex.join(extra)}".rstrip())
-            for name, address in server.addresses.items():
-                print(f"    {name} on {address}", flush=True)
-        target = servers[0].address if servers else ""
+        services = StepServices(step.path, env)
+        for name, server in services.processes.items():
+            wiring = "".join(f"{k}={v} " for k, v in services.wiring[name].items())
+            print(f"$ {wiring}python {server.command[1]} --port 0")
+            for line, address in server.addresses.items():
+                print(f"    {line} on {address}", flush=True)
+        greeter = services["greeter"]
+        places = {"{target}": greeter.address, "{certs}": str(Path(workdir.name) / "certs")}
+        if "logger" in services.processes:
+            places["{logger}"] = services["logger"].address
         for d in entry.demos:
-            certs = str(Path(workdir.name) / "certs")
-            args = [a.replace("{target}", target).replace("{certs}", certs) for a in d.args]
+            args = [fill(a, places) for a in d.args]
             if d.program == "grpcurl":
                 print(f"$ grpcurl {shlex.join(args)}", flush=True)
                 grpcurl_binary = str(Path(sys.executable).with_name("grpcurl"))
+                secrets = {"$LOGGER_AUTH_TOKEN": env.get("LOGGER_AUTH_TOKEN", "")}
                 result = subprocess.run(
-                    [grpcurl_binary, *args], capture_output=True, text=True, timeout=60
+                    [grpcurl_binary, *(fill(a, secrets) for a in args)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
                 )
+            elif d.program == "stop":
+                print(f"$ kill -TERM <{args[0]}>   # the {args[0]} stops", flush=True)
+                code = services[args[0]].stop()
+                result = subprocess.CompletedProcess(args, code, f"exit code {code}\n", "")
             elif d.program == "metrics":
-                result = show_metrics(servers[0].addresses["metrics"], args[0])
+                result = show_metrics(greeter.addresses["metrics"], args[0])
             elif d.program == "promql":
-                result = ask_prometheus(step, servers[0].addresses["metrics"], args[0])
+                result = ask_prometheus(step, greeter.addresses["metrics"], args[0])
             elif d.program == "trace":
-                result = show_last_trace(receiver)
+                result = show_last_trace(receiver, len(services.processes))
             else:
                 shown_env = "".join(f"{name}={shlex.quote(value)} " for name, value in d.env)
                 print(f"$ {shown_env}python client.py {shlex.join(args)}", flush=True)
@@ -275,13 +324,13 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
         print(f"  ✗ {err}")
         ok = False
     finally:
-        for server in servers:
-            code = server.stop()
-            print("  server log:")
-            print(indent(server.output), end="")
-            if code != 0:
-                print(f"  ✗ server exited with {code}, expected 0")
-                ok = False
+        if services is not None:
+            for name, code in services.stop().items():
+                print(f"  {name} log:")
+                print(indent(services[name].output), end="")
+                if code != 0:
+                    print(f"  ✗ {name} exited with {code}, expected 0")
+                    ok = False
         workdir.cleanup()
         if receiver is not None:
             receiver.stop()
