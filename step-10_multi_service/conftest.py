@@ -11,12 +11,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 import logger_server
 import server
@@ -283,6 +285,26 @@ async def say(call, name: str) -> str:
     reply = await asyncio.wait_for(call.read(), 5)
     assert reply is not grpc.aio.EOF, "the chat ended early"
     return reply.message
+
+
+async def scrape(address: str) -> dict[tuple, float]:
+    """Every sample of /metrics: {(name, (label, value), ...): value}. Fetched from a thread:
+    an in-process server answers /metrics on this very event loop."""
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    text = await asyncio.to_thread(fetch)
+    return {
+        (sample.name, *sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, *sorted(labels.items())))
 
 
 def rpc_records(caplog, logger: str) -> list[logging.LogRecord]:

@@ -26,6 +26,10 @@ from tracing import ClientTracer
 
 # Who the Greeter is to the Logger: the x-user-id of its calls, stored as `recorded_by`.
 GREETER_USER_ID = "greeter"
+# While the Logger is down the channel tries to reconnect, waiting longer after each failure:
+# 1 s, 1.6 s, ... up to gRPC's default of 120 s. Capped here, so a Logger back after a long
+# outage gets its entries again within seconds, not minutes.
+MAX_RECONNECT_BACKOFF_MS = 5000
 
 log = logging.getLogger("greeter.logger_client")
 
@@ -95,6 +99,7 @@ async def connected_greeting_log(
     channel = grpc.aio.secure_channel(
         settings.logger_target,
         credentials,
+        options=[("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)],
         # Outermost first: the span covers the whole call, the metrics time it, and the
         # credentials are added last.
         interceptors=[

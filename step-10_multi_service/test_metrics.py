@@ -10,9 +10,18 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import STEP_DIR, Request, messages, open_channel, rpc_error, run_client, say
+from conftest import (
+    STEP_DIR,
+    Request,
+    messages,
+    open_channel,
+    rpc_error,
+    run_client,
+    say,
+    scrape,
+    value,
+)
 from greeter.v1 import greeter_pb2_grpc
 from metrics import GO_DEFAULT_BUCKETS, MAX_REQUEST_BYTES
 from settings import parse_settings
@@ -22,26 +31,6 @@ from tools.prometheus import INSTALL_HINT, PrometheusProcess
 
 GREETER = "greeter.v1.Greeter"
 DEPLOY = STEP_DIR / "deploy"
-
-
-async def scrape(address: str) -> dict[tuple, float]:
-    """Every sample of /metrics: {(name, (label, value), ...): value}. Fetched from a thread:
-    an in-process server answers /metrics on this very event loop."""
-
-    def fetch() -> str:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-    text = await asyncio.to_thread(fetch)
-    return {
-        (sample.name, *sorted(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: dict, name: str, **labels: str) -> float | None:
-    return samples.get((name, *sorted(labels.items())))
 
 
 def rpc(kind: str, method: str, service: str = GREETER) -> dict[str, str]:
@@ -148,6 +137,25 @@ async def test_health_and_reflection_calls_are_counted_too(start_server):
         )
 
     await eventually(counted, message="the health check and the reflection stream to be counted")
+
+
+async def test_the_calls_to_the_logger_are_counted_as_client_calls(start_server):
+    """The Greeter's own calls (to the Logger), as go-grpc-prometheus's client metrics."""
+    server = await start_server()
+    async with open_channel(server.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        for name in ("Ada", "Grace", "Alan"):
+            await stub.SayHello(Request(name=name), timeout=5)
+        await rpc_error(stub.SayHello(Request(name=""), timeout=5))  # no greeting, no call
+    samples = await scrape(server.metrics_address)
+    record = rpc("unary", "Record", "logger.v1.Logger")
+    assert value(samples, "grpc_client_started_total", **record) == 3
+    assert value(samples, "grpc_client_handled_total", grpc_code="OK", **record) == 3
+    assert value(samples, "grpc_client_msg_sent_total", **record) == 3
+    assert value(samples, "grpc_client_msg_received_total", **record) == 3
+    assert value(samples, "grpc_client_handling_seconds_count", **record) == 3
+    listing = rpc("unary", "ListRecent", "logger.v1.Logger")  # never called: there, at 0
+    assert value(samples, "grpc_client_handled_total", grpc_code="Unavailable", **listing) == 0
 
 
 async def test_every_method_and_code_starts_at_zero(start_server):

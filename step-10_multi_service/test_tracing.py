@@ -17,6 +17,7 @@ from conftest import (
     STEP_DIR,
     GatedGreeter,
     Request,
+    logged_greetings,
     messages,
     open_channel,
     rpc_records,
@@ -97,6 +98,37 @@ async def test_one_trace_from_client_to_server(start_server, receiver, method):
         }
         assert span.status == "UNSET"
         assert span.events == ()
+
+
+async def test_one_trace_runs_from_the_client_through_the_greeter_to_the_logger(
+    start_server, receiver
+):
+    """Three hops, one trace: the test's client, the Greeter, the Logger. Each span is the
+    child of the one before it, and the Logger's entry names the trace."""
+    server = await start_server()
+    async with traced_call(server.address) as (stub, trace_id):
+        await stub.SayHello(Request(name="Ada"), timeout=5)
+    await eventually(
+        lambda: len([s for s in receiver.spans if s.trace_id == trace_id]) >= 5,
+        message="the five spans of the trace",
+    )
+    trace = [s for s in receiver.spans if s.trace_id == trace_id]
+    child_of = {s.parent_span_id: s for s in trace}  # each span has one child here
+    spans = [next(s for s in trace if s.parent_span_id == "")]  # the test's root
+    while spans[-1].span_id in child_of:
+        spans.append(child_of[spans[-1].span_id])
+    assert [(s.service, s.kind, s.name) for s in spans] == [
+        ("test-client", "INTERNAL", "test"),
+        ("test-client", "CLIENT", f"{GREETER}/SayHello"),
+        ("greeter", "SERVER", f"{GREETER}/SayHello"),
+        ("greeter", "CLIENT", "logger.v1.Logger/Record"),
+        ("logger", "SERVER", "logger.v1.Logger/Record"),
+    ]
+    host, port = server.logger.address.rsplit(":", 1)
+    assert spans[3].attributes["server.address"] == host
+    assert spans[3].attributes["server.port"] == int(port)
+    [entry] = await logged_greetings(server.logger.address)
+    assert entry.trace_id == trace_id
 
 
 class BrokenGreeter(Greeter):
