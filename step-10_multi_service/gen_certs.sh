@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make, with openssl, everything TLS needs on your machine, in DIR (default: certs):
 #   ca.crt, ca.key          a local certificate authority (CA) that signs the other two
-#   server.crt, server.key  the server's certificate, valid for localhost, 127.0.0.1 and ::1
+#   server.crt, server.key  the servers' certificate, valid for localhost, 127.0.0.1 and ::1,
+#                           and for the names greeter and logger (docker compose's)
 #   client.crt, client.key  a client certificate (CN=greeter-client), for mutual TLS
 #
 #   ./gen_certs.sh [DIR]
@@ -36,8 +37,9 @@ sign() {
   rm "$1.csr" "$1.ext"
 }
 
-# 2. The server: clients check that the name they dialled is in subjectAltName.
-sign server "/CN=localhost" "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1
+# 2. The servers (the Greeter and the Logger share it): clients check that the name they
+# dialled is in subjectAltName.
+sign server "/CN=localhost" "subjectAltName=DNS:localhost,DNS:greeter,DNS:logger,IP:127.0.0.1,IP:::1
 extendedKeyUsage=serverAuth
 keyUsage=critical,digitalSignature"
 

@@ -26,7 +26,7 @@ from greeter.v1 import greeter_pb2_grpc
 from metrics import GO_DEFAULT_BUCKETS, MAX_REQUEST_BYTES
 from settings import parse_settings
 from tests.support.helpers import closed_port, eventually, require_binary
-from tools.processes import ServerProcess, run_script
+from tools.processes import StepServices, run_script
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
 
 GREETER = "greeter.v1.Greeter"
@@ -262,50 +262,61 @@ def test_the_deploy_files_pass_promtool(command):
 
 
 async def test_a_real_prometheus_counts_every_outcome():
-    """The real server process, scraped by a real Prometheus with deploy/prometheus.yml:
-    after calls with known outcomes, PromQL returns exactly those counts."""
+    """The real Greeter and Logger processes, scraped by a real Prometheus with
+    deploy/prometheus.yml: after calls with known outcomes, PromQL returns exactly those
+    counts, from both services."""
     require_binary("prometheus", INSTALL_HINT)
-    with (
-        ServerProcess(STEP_DIR) as server,
-        PrometheusProcess(DEPLOY, {"greeter:9464": server.addresses["metrics"]}) as prometheus,
+    with StepServices(STEP_DIR) as services:
+        server, logger = services["greeter"], services["logger"]
+        targets = {
+            "greeter:9464": server.addresses["metrics"],
+            "logger:9465": logger.addresses["metrics"],
+        }
+        with PrometheusProcess(DEPLOY, targets) as prometheus:
+            await count_every_outcome(server, prometheus)
+
+
+async def count_every_outcome(server, prometheus) -> None:
+    """Calls with known outcomes, then the counts Prometheus must see."""
+    async with (
+        open_channel(server.address) as channel,
+        open_channel(server.address, token=None) as anonymous,
     ):
-        async with (
-            open_channel(server.address) as channel,
-            open_channel(server.address, token=None) as anonymous,
-        ):
-            stub = greeter_pb2_grpc.GreeterStub(channel)
-            for _ in range(3):
-                await stub.SayHello(Request(name="Ada"), timeout=5)
-            for _ in range(2):
-                await rpc_error(stub.SayHello(Request(name=""), timeout=5))
-            await rpc_error(greeter_pb2_grpc.GreeterStub(anonymous).SayHello(Request(name="A")))
-            cancelled = stub.StreamGreetings(Request(name="Ada", count=10), timeout=10)
-            await cancelled.read()
-            cancelled.cancel()
-        expected = {
-            ("SayHello", "unary", "OK"): 3,
-            ("SayHello", "unary", "InvalidArgument"): 2,
-            ("SayHello", "unary", "Unauthenticated"): 1,
-            ("StreamGreetings", "server_stream", "Canceled"): 1,
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        for _ in range(3):
+            await stub.SayHello(Request(name="Ada"), timeout=5)
+        for _ in range(2):
+            await rpc_error(stub.SayHello(Request(name=""), timeout=5))
+        await rpc_error(greeter_pb2_grpc.GreeterStub(anonymous).SayHello(Request(name="A")))
+        cancelled = stub.StreamGreetings(Request(name="Ada", count=10), timeout=10)
+        await cancelled.read()
+        cancelled.cancel()
+    expected = {
+        ("SayHello", "unary", "OK"): 3,
+        ("SayHello", "unary", "InvalidArgument"): 2,
+        ("SayHello", "unary", "Unauthenticated"): 1,
+        ("StreamGreetings", "server_stream", "Canceled"): 1,
+        # The Logger: one entry per greeting made (the cancelled stream had made one).
+        ("Record", "unary", "OK"): 4,
+    }
+
+    def handled() -> dict:
+        result = prometheus.query(
+            f'grpc_server_handled_total{{grpc_service=~"{GREETER}|logger.v1.Logger"}} > 0'
+        )
+        return {
+            (r["metric"]["grpc_method"], r["metric"]["grpc_type"], r["metric"]["grpc_code"]): int(
+                float(r["value"][1])
+            )
+            for r in result
         }
 
-        def handled() -> dict:
-            result = prometheus.query(f'grpc_server_handled_total{{grpc_service="{GREETER}"}} > 0')
-            return {
-                (
-                    r["metric"]["grpc_method"],
-                    r["metric"]["grpc_type"],
-                    r["metric"]["grpc_code"],
-                ): int(float(r["value"][1]))
-                for r in result
-            }
+    async def scraped() -> bool:
+        return await asyncio.to_thread(handled) == expected
 
-        async def scraped() -> bool:
-            return await asyncio.to_thread(handled) == expected
-
-        await eventually(scraped, timeout=30, message=f"Prometheus to see {expected}")
-        [p99] = await asyncio.to_thread(
-            prometheus.query,
-            'histogram_quantile(0.99, sum by (le) (grpc_server_handling_seconds_bucket{grpc_type="unary"}))',
-        )
-        assert 0 < float(p99["value"][1]) <= GO_DEFAULT_BUCKETS[-1]
+    await eventually(scraped, timeout=30, message=f"Prometheus to see {expected}")
+    [p99] = await asyncio.to_thread(
+        prometheus.query,
+        'histogram_quantile(0.99, sum by (le) (grpc_server_handling_seconds_bucket{grpc_type="unary"}))',
+    )
+    assert 0 < float(p99["value"][1]) <= GO_DEFAULT_BUCKETS[-1]

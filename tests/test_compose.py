@@ -46,7 +46,7 @@ def test_compose_defaults_to_the_newest_step():
 @pytest.mark.parametrize("compose_step", COMPOSE_STEPS, ids=STEP_IDS)
 def test_compose_file_is_valid_and_mounts_what_exists(compose_step):
     config = compose_config(compose_step.name)
-    assert set(config["services"]) >= {"greeter", "prometheus", "jaeger", "grafana"}
+    assert set(config["services"]) >= {"greeter", "logger", "prometheus", "jaeger", "grafana"}
     for name, service in config["services"].items():
         for volume in service.get("volumes", []):
             source = Path(volume["source"])
@@ -55,6 +55,17 @@ def test_compose_file_is_valid_and_mounts_what_exists(compose_step):
             else:
                 assert source.exists(), f"{name} mounts {source}, which does not exist"
     assert config["services"]["greeter"]["build"]["args"]["STEP"] == compose_step.name
+    assert config["services"]["logger"]["build"]["args"]["STEP"] == compose_step.name
+
+
+def test_compose_runs_the_logger_with_its_own_entry_point_and_wires_the_greeter_to_it():
+    config = compose_config(all_steps()[-1].name)
+    logger, greeter = config["services"]["logger"], config["services"]["greeter"]
+    assert logger["command"] == ["python", "logger_server.py"]
+    assert greeter["environment"]["GREETER_LOGGER_TARGET"] == "logger:50052"
+    assert logger["healthcheck"]["test"] == ["CMD", "python", "/app/healthcheck.py", "50052"]
+    scraped = (all_steps()[-1].path / "deploy" / "prometheus.yml").read_text()
+    assert '"greeter:9464"' in scraped and '"logger:9465"' in scraped
 
 
 def test_compose_refuses_to_start_the_greeter_without_a_token():
@@ -90,10 +101,12 @@ def test_prometheus_accepts_the_configuration_compose_mounts(compose_step):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def healthcheck(step_dir: Path, port: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def healthcheck(
+    step_dir: Path, port: str, env: dict[str, str], *args: str
+) -> subprocess.CompletedProcess:
     """tools/healthcheck.py as the container runs it: in the step folder, GREETER_PORT set."""
     return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "healthcheck.py")],
+        [sys.executable, str(ROOT / "tools" / "healthcheck.py"), *args],
         cwd=step_dir,
         capture_output=True,
         text=True,
@@ -113,3 +126,12 @@ def test_the_container_health_check_follows_the_server(label, tmp_path):
     stopped = healthcheck(step.path, port, env)
     assert stopped.returncode == 1
     assert stopped.stdout.startswith("unhealthy: UNAVAILABLE")
+
+
+def test_the_container_health_check_of_the_logger_takes_its_port(tmp_path):
+    step = next(s for s in all_steps() if (s.path / "logger_server.py").exists())
+    env = demo_environment(step.path, tmp_path)
+    with ServerProcess(step.path, script="logger_server.py", env=env) as logger:
+        port = logger.address.rsplit(":", 1)[1]
+        serving = healthcheck(step.path, "1", env, port)  # the argument wins over GREETER_PORT
+    assert (serving.returncode, serving.stdout) == (0, "SERVING\n"), serving.stderr

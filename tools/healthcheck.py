@@ -1,7 +1,9 @@
 """The container's health check: one call to the standard gRPC health service of the
 server in this container. Exit 0 when it says SERVING, 1 otherwise.
 
-    python healthcheck.py        (the Dockerfile's HEALTHCHECK runs it)
+    python healthcheck.py [PORT]   (the Dockerfile's HEALTHCHECK runs it)
+
+PORT defaults to GREETER_PORT (or 50051); docker-compose.yml passes the Logger's (step 10 on).
 
 Over TLS when the CA file the client uses exists (GREETER_TLS_CA, default certs/ca.crt;
 steps 06 on), in plaintext before. A server without a health service (steps 01 to 06)
@@ -19,7 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def main() -> int:
-    target = f"localhost:{os.environ.get('GREETER_PORT') or 50051}"
+    port = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("GREETER_PORT") or 50051
+    target = f"localhost:{port}"
     ca = Path(os.environ.get("GREETER_TLS_CA") or "certs/ca.crt")
     if ca.exists():
         credentials = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
