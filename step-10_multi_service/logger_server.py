@@ -1,5 +1,5 @@
-"""Logger server: the Logger service (logger_service.py), served as serving.py serves every
-service of this step: TLS, its own token, health, reflection, metrics, traces, a log line
+"""Logger server: the Logger service (logger_service.py), served as serving.py serves the
+Greeter too: TLS, its own token, health, reflection, metrics, traces, a log line
 per RPC, graceful shutdown.
 
     python logger_server.py [--host 127.0.0.1] [--port 50052] [--max-entries 1000]

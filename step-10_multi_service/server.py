@@ -1,12 +1,12 @@
-"""Greeter server: the Greeter service, served as serving.py serves every service of this
-step, with its channel to the Logger (logger_client.py) held for the server's lifetime.
+"""Greeter server: the Greeter service, served as serving.py serves the Logger too, with
+its channel to the Logger (logger_client.py) held for the server's lifetime.
 
     python server.py [--host 127.0.0.1] [--port 50051] [--logger-target 127.0.0.1:50052]
 
 Prints `metrics on HOST:PORT`, then `listening on HOST:PORT` once it serves (tools and tests
 read the ports from them), and shuts down gracefully on SIGINT/SIGTERM. It starts whether
-or not the Logger is up: greetings never wait for it (README, "When the Logger is slow or
-down").
+or not the Logger is up: greetings never wait for it
+(README, "When the Logger is slow or down").
 """
 
 import contextlib

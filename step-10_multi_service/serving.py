@@ -1,7 +1,6 @@
-"""How every server of this step runs, the Greeter (server.py) and the Logger
-(logger_server.py) alike: the interceptor chain, TLS, health, reflection and /metrics
-around one service (`build_server`), its lifetime (`running_server`), and the entry point's
-start-up and shutdown (`main`).
+"""How a server runs, the Greeter (server.py) and the Logger (logger_server.py) alike: the
+interceptor chain, TLS, health, reflection and /metrics around one service (`build_server`),
+its lifetime (`running_server`), and the entry point's start-up and shutdown (`main`).
 """
 
 import os

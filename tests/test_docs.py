@@ -8,15 +8,29 @@ import sys
 from pathlib import Path
 
 from tests.support.readme import console_commands, section
-from tools.processes import ServerProcess, demo_environment, run_script
+from tools.processes import StepServices, demo_environment, run_script
 from tools.steps import ROOT, STEP_NAMES
 
 ROOT_README = ROOT / "README.md"
 # Where the steps' code names an environment variable: a settings declaration
 # (`option(default, "NAME", ...)`), a constant, or a direct read.
 ENV_NAMED = re.compile(
-    r"""(?:\boption\(\s*[^,]+,\s*|_VARIABLE\s*=\s*|\b(?:os\.environ\.get|os\.getenv|environ\.get|setdefault)\(\s*)["']([A-Z][A-Z0-9_]+)["']"""
+    r"""(?:\boption\(\s*[^,]+,\s*|\bsecret\(\s*|_VARIABLE\s*=\s*|\b(?:os\.environ\.get|os\.getenv|environ\.get|setdefault)\(\s*)["']([A-Z][A-Z0-9_]+)["']"""
 )
+# Options shared by several services (step 10 on) name their variable after the service:
+# "{SERVICE}_PORT" in a settings class whose SERVICE is "GREETER" or "LOGGER".
+ENV_TEMPLATE = re.compile(r"""["']\{SERVICE\}(_[A-Z0-9_]+)["']""")
+SERVICE_PREFIX = re.compile(r"""^\s+SERVICE: ClassVar\[str\] = ["']([A-Z]+)["']""", re.MULTILINE)
+
+
+def environment_variables(code: str) -> set[str]:
+    """The environment variables a module reads, as its code names them."""
+    names = set(ENV_NAMED.findall(code))
+    for prefix in SERVICE_PREFIX.findall(code):
+        names |= {prefix + suffix for suffix in ENV_TEMPLATE.findall(code)}
+    return names
+
+
 STEP_SECTIONS = [
     "Goal",
     "What changed",
@@ -76,9 +90,9 @@ def test_run_it_commands_print_what_the_readme_shows(step, tmp_path):
     assert clients, "the README shows no client command"
     assert ["python", "server.py"] in [c.argv[:2] for c in commands]
     env = demo_environment(step.path, tmp_path)
-    with ServerProcess(step.path, env=env) as server:
+    with StepServices(step.path, env=env) as services:  # the Greeter, and its Logger from 10 on
         for command in clients:
-            client_env = {**env, "GREETER_TARGET": server.address}
+            client_env = {**env, "GREETER_TARGET": services["greeter"].address}
             result = run_script(step.path, "client.py", *command.argv[2:], env=client_env)
             assert result.stdout + result.stderr == command.expected_output, command.argv
 
@@ -94,7 +108,7 @@ def test_root_readme_documents_every_environment_variable(steps):
     read = set()
     for step in steps:
         for path in step.path.glob("*.py"):
-            read |= set(ENV_NAMED.findall(path.read_text()))
+            read |= environment_variables(path.read_text())
     assert read, "found no environment variables in the steps' code"
     undocumented = sorted(name for name in read if f"`{name}`" not in table)
     assert not undocumented
