@@ -1,12 +1,21 @@
 """The Logger service on its own: what it stores and lists, the greetings it refuses, its
 bounded memory, its own token, and its process started and stopped as a learner does."""
 
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import (
+    CERTS,
     STEP_DIR,
     TEST_TOKEN,
     TEST_USER,
@@ -176,3 +185,32 @@ async def test_anyone_with_the_logger_token_can_read_the_entries(start_logger):
             logger_pb2.ListRecentRequest(), timeout=5
         )
     assert [e.recorded_by for e in reply.entries] == ["greeter"]
+
+
+async def test_the_readme_command_that_reads_the_logger_works_as_written(start_logger, tmp_path):
+    """The README's grpcurl line for ListRecent, run by a shell as written (the port aside),
+    with the Logger's token in LOGGER_AUTH_TOKEN, as after the README's set-up."""
+    readme = (STEP_DIR / "README.md").read_text()
+    [line] = [
+        line
+        for block in re.findall(r"^```sh\n(.*?)^```", readme, re.MULTILINE | re.DOTALL)
+        for line in block.splitlines()
+        if line.startswith("grpcurl ") and "logger.v1.Logger/ListRecent" in line
+    ]
+    logger = await start_logger()
+    await record(logger.address, greeting(names=["Ada", "Grace"], method="Chat"))
+    (tmp_path / "certs").symlink_to(CERTS)
+    port = logger.address.rsplit(":", 1)[1]
+    result = await asyncio.to_thread(
+        subprocess.run,
+        ["bash", "-c", line.replace("localhost:50052", f"localhost:{port}")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+    )
+    assert result.returncode == 0, result.stderr
+    [entry] = json.loads(result.stdout)["entries"]
+    assert entry["greeting"]["names"] == ["Ada", "Grace"]
+    assert entry["recorded_by"] == "greeter"
