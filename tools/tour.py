@@ -200,6 +200,22 @@ TOUR: dict[int, TourEntry] = {
             metrics("greeter_unlogged_greetings_total"),
         ),
     ),
+    11: TourEntry(
+        title="Metadata propagation",
+        adds="the caller's user id and a request id cross the hop to the Logger in metadata; one request id in every log line, entry and span",
+        shows=" client=- user=ada request_id=",
+        traces=True,
+        demos=(
+            demo("hello", "--name", "Ada", "--user-id", "ada", "-v"),
+            demo("chat", "--message", "Ada", "--message", "Grace", "--user-id", "ada", "-v"),
+            grpcurl(
+                "logger.v1.Logger/ListRecent",
+                data='{"limit": 1}',
+                server="{logger}",
+                headers=("authorization: Bearer $LOGGER_AUTH_TOKEN", "x-user-id: ada"),
+            ),
+        ),
+    ),
 }
 
 BAR = "━" * 72
