@@ -69,11 +69,14 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
     async def StreamGreetings(self, request, context):
         await require_valid_name(request.name, context)
         count = await require_valid_count(request.count, context)
-        sent = 0
+        sent, greeted = 0, False
         try:
             for number in range(1, count + 1):
                 if number > 1:
                     await asyncio.sleep(self.stream_interval)
+                # Greeted once the first reply is handed to gRPC: a client may cancel before
+                # this handler runs again, and the greeting was still made.
+                greeted = True
                 yield greeter_pb2.HelloReply(message=f"Hello, {request.name}! ({number}/{count})")
                 sent = number
         except asyncio.CancelledError:
@@ -88,7 +91,7 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
             log.info("StreamGreetings %s after %d of %d replies", by, sent, count)
             raise
         finally:
-            if sent:  # however the stream ended, a greeting was made
+            if greeted:  # however the stream ended
                 await self.greeting_log.record([request.name], "StreamGreetings")
 
     async def Chat(self, request_iterator, context):
@@ -104,8 +107,8 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
                         f"a chat holds at most {MAX_CHAT_MESSAGES} messages; start a new chat",
                     )
                 await require_valid_name(request.name, context)
+                greeted.append(request.name)  # before the yield, as in StreamGreetings
                 yield greeter_pb2.HelloReply(message=f"Hello, {request.name}!")
-                greeted.append(request.name)
         finally:
             # However the chat ends: half-close, error, cancellation, or a client whose
             # connection dropped (grpc.aio ends the request iterator then, as on a half-close,

@@ -3,6 +3,7 @@ every RPC kind and outcome; /metrics on its own port; the deploy/ files checked 
 and a real Prometheus scraping the real server process."""
 
 import asyncio
+import contextlib
 import subprocess
 import urllib.request
 
@@ -311,10 +312,15 @@ async def count_every_outcome(server, prometheus) -> None:
             for r in result
         }
 
-    async def scraped() -> bool:
-        return await asyncio.to_thread(handled) == expected
+    seen: list[dict] = [{}]
 
-    await eventually(scraped, timeout=30, message=f"Prometheus to see {expected}")
+    async def scraped() -> bool:
+        seen[0] = await asyncio.to_thread(handled)
+        return seen[0] == expected
+
+    with contextlib.suppress(pytest.fail.Exception):  # the assert below shows the difference
+        await eventually(scraped, timeout=30, message=f"Prometheus to see {expected}")
+    assert seen[0] == expected
     [p99] = await asyncio.to_thread(
         prometheus.query,
         'histogram_quantile(0.99, sum by (le) (grpc_server_handling_seconds_bucket{grpc_type="unary"}))',

@@ -99,6 +99,26 @@ async def test_every_greeting_reaches_the_logger_with_its_fields(start_server):
         assert before <= entry.greeting.greeted_at.ToMicroseconds() / 1e6 <= time.time()
 
 
+async def test_streams_and_chats_cancelled_after_a_reply_are_still_reported(start_server):
+    """The greeting was made once a reply went out, however soon the client cancels."""
+    server = await start_server(stream_interval=0.5)
+    async with open_channel(server.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        for n in range(5):
+            stream = stub.StreamGreetings(Request(name=f"Stream{n}", count=3), timeout=5)
+            await stream.read()
+            stream.cancel()
+            chat = stub.Chat(timeout=5)
+            await say(chat, f"Chat{n}")
+            chat.cancel()
+
+    async def all_reported() -> bool:
+        names = {e.greeting.names[0] for e in await logged_greetings(server.logger.address)}
+        return names == {f"{kind}{n}" for kind in ("Stream", "Chat") for n in range(5)}
+
+    await eventually(all_reported, message="an entry for each stream and chat")
+
+
 async def test_one_channel_carries_every_call_to_the_logger(start_server, caplog):
     caplog.set_level(logging.INFO, logger="logger.rpc")
     server = await start_server()
