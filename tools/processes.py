@@ -133,34 +133,45 @@ SERVICES = (
 
 
 class StepServices:
-    """Every service of a step as a real process, each on a free port, wired together:
-    `services["greeter"].address`. `args` adds arguments per service name. Stops them in
-    reverse order (callers first) and keeps their exit codes in `returncodes`."""
+    """Every service of a step as real processes, each on a free port, wired together:
+    `services["greeter"].address`. `replicas` runs several of a service (step 12 on): the
+    second Greeter is `services["greeter-2"]`, and the services started after it get every
+    replica's address as one target (`ipv4:HOST:PORT,HOST:PORT`). `args` adds arguments per
+    service name. Stops them in reverse order (callers first) and keeps their exit codes in
+    `returncodes`."""
 
     def __init__(
         self,
         step_dir: Path,
         env: dict[str, str] | None = None,
         args: dict[str, tuple[str, ...]] | None = None,
+        replicas: dict[str, int] | None = None,
     ):
         self.processes: dict[str, ServerProcess] = {}
         self.returncodes: dict[str, int] = {}
-        self.wiring: dict[str, dict[str, str]] = {}  # the addresses each service was given
+        self.wiring: dict[str, dict[str, str]] = {}  # the addresses each process was given
+        self.targets: dict[str, str] = {}  # each service's target, all its replicas in it
         wiring: dict[str, str] = {}
         try:
             for service in SERVICES:
                 if not (step_dir / service.script).exists():
                     continue
-                process = ServerProcess(
-                    step_dir,
-                    *(args or {}).get(service.name, ()),
-                    script=service.script,
-                    env={**(env or {}), **wiring},
-                )
-                self.processes[service.name] = process
-                self.wiring[service.name] = dict(wiring)
+                started = []
+                for number in range(1, (replicas or {}).get(service.name, 1) + 1):
+                    name = service.name if number == 1 else f"{service.name}-{number}"
+                    process = ServerProcess(
+                        step_dir,
+                        *(args or {}).get(service.name, ()),
+                        script=service.script,
+                        env={**(env or {}), **wiring},
+                    )
+                    self.processes[name] = process
+                    self.wiring[name] = dict(wiring)
+                    started.append(process.address)
+                target = started[0] if len(started) == 1 else f"ipv4:{','.join(started)}"
+                self.targets[service.name] = target
                 if service.address_variable:
-                    wiring[service.address_variable] = process.address
+                    wiring[service.address_variable] = target
         except BaseException:
             self.stop()
             raise
@@ -168,9 +179,19 @@ class StepServices:
     def __getitem__(self, name: str) -> ServerProcess:
         return self.processes[name]
 
+    def replicas(self, service: str) -> list[ServerProcess]:
+        return [p for n, p in self.processes.items() if n.split("-")[0] == service]
+
     def stop(self) -> dict[str, int]:
-        for name, process in reversed(self.processes.items()):
-            self.returncodes[name] = process.stop()
+        """SIGTERM to each service's replicas at once (they drain side by side), callers
+        first; their exit codes by name."""
+        for service in reversed(SERVICES):
+            group = {n: p for n, p in self.processes.items() if n.split("-")[0] == service.name}
+            for process in group.values():
+                if process.process.poll() is None:
+                    process.process.send_signal(signal.SIGTERM)
+            for name, process in group.items():
+                self.returncodes[name] = process.stop()
         return self.returncodes
 
     def __enter__(self) -> "StepServices":

@@ -52,6 +52,9 @@ class TourEntry:
     # (tests/test_tour.py) looks for it, as grpc-go's examples_test.sh greps its examples.
     shows: str
     traces: bool = False  # servers and clients export spans to an OTLP receiver the tour runs
+    # Several replicas of a service (step 12 on), e.g. (("greeter", 3),): "{target}" then
+    # names them all (ipv4:HOST:PORT,HOST:PORT,...).
+    replicas: tuple[tuple[str, int], ...] = ()
 
 
 def demo(*args: str, fails: bool = False, env: dict[str, str] | None = None) -> Demo:
@@ -216,6 +219,17 @@ TOUR: dict[int, TourEntry] = {
             ),
         ),
     ),
+    12: TourEntry(
+        title="Load balancing",
+        adds="round robin over three Greeter replicas and two Logger replicas, with client-side health checks; a replica that stops loses its share, not calls",
+        shows="30 calls over 2 replicas",
+        replicas=(("greeter", 3), ("logger", 2)),
+        demos=(
+            demo("spread", "--name", "Ada", "--calls", "30", "--user-id", "ada"),
+            stop("greeter-2"),
+            demo("spread", "--name", "Ada", "--calls", "30", "--user-id", "ada"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -293,16 +307,19 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
             }
-        services = StepServices(step.path, env)
+        services = StepServices(step.path, env, replicas=dict(entry.replicas))
         for name, server in services.processes.items():
             wiring = "".join(f"{k}={v} " for k, v in services.wiring[name].items())
             print(f"$ {wiring}python {server.command[1]} --port 0")
             for line, address in server.addresses.items():
                 print(f"    {line} on {address}", flush=True)
         greeter = services["greeter"]
-        places = {"{target}": greeter.address, "{certs}": str(Path(workdir.name) / "certs")}
-        if "logger" in services.processes:
-            places["{logger}"] = services["logger"].address
+        places = {
+            "{target}": services.targets["greeter"],
+            "{certs}": str(Path(workdir.name) / "certs"),
+        }
+        if "logger" in services.targets:
+            places["{logger}"] = services.targets["logger"]
         for d in entry.demos:
             args = [fill(a, places) for a in d.args]
             if d.program == "grpcurl":
