@@ -2,7 +2,8 @@
 # Make, with openssl, everything TLS needs on your machine, in DIR (default: certs):
 #   ca.crt, ca.key          a local certificate authority (CA) that signs the other two
 #   server.crt, server.key  the servers' certificate, valid for localhost, 127.0.0.1 and ::1,
-#                           and for the names greeter and logger (docker compose's)
+#                           and for docker compose's names: greeter and logger, and greeters
+#                           and loggers (every replica of each)
 #   client.crt, client.key  a client certificate (CN=greeter-client), for mutual TLS
 #
 #   ./gen_certs.sh [DIR]
@@ -39,7 +40,7 @@ sign() {
 
 # 2. The servers (the Greeter and the Logger share it): clients check that the name they
 # dialled is in subjectAltName.
-sign server "/CN=localhost" "subjectAltName=DNS:localhost,DNS:greeter,DNS:logger,IP:127.0.0.1,IP:::1
+sign server "/CN=localhost" "subjectAltName=DNS:localhost,DNS:greeter,DNS:logger,DNS:greeters,DNS:loggers,IP:127.0.0.1,IP:::1
 extendedKeyUsage=serverAuth
 keyUsage=critical,digitalSignature"
 

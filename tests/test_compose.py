@@ -58,14 +58,26 @@ def test_compose_file_is_valid_and_mounts_what_exists(compose_step):
     assert config["services"]["logger"]["build"]["args"]["STEP"] == compose_step.name
 
 
-def test_compose_runs_the_logger_with_its_own_entry_point_and_wires_the_greeter_to_it():
-    config = compose_config(all_steps()[-1].name)
-    logger, greeter = config["services"]["logger"], config["services"]["greeter"]
-    assert logger["command"] == ["python", "logger_server.py"]
-    assert greeter["environment"]["GREETER_LOGGER_TARGET"] == "logger:50052"
-    assert logger["healthcheck"]["test"] == ["CMD", "python", "/app/healthcheck.py", "50052"]
+def test_compose_runs_the_replicas_and_wires_the_greeters_to_the_loggers():
+    """Three Greeters and two Loggers (step 12 on); each group shares a DNS name, which the
+    Greeters' target and the certificate use; Prometheus scrapes each replica by name."""
+    services = compose_config(all_steps()[-1].name)["services"]
+    greeters = [services[name] for name in ("greeter", "greeter-2", "greeter-3")]
+    loggers = [services[name] for name in ("logger", "logger-2")]
+    for logger in loggers:
+        assert logger["command"] == ["python", "logger_server.py"]
+        assert logger["healthcheck"]["test"] == ["CMD", "python", "/app/healthcheck.py", "50052"]
+        assert logger["networks"]["default"]["aliases"] == ["loggers"]
+    for greeter in greeters:
+        assert greeter["environment"]["GREETER_LOGGER_TARGET"] == "dns:///loggers:50052"
+        assert greeter["networks"]["default"]["aliases"] == ["greeters"]
+    certificates = (all_steps()[-1].path / "gen_certs.sh").read_text()
+    assert "DNS:greeters,DNS:loggers" in certificates
     scraped = (all_steps()[-1].path / "deploy" / "prometheus.yml").read_text()
-    assert '"greeter:9464"' in scraped and '"logger:9465"' in scraped
+    for target in ("greeter", "greeter-2", "greeter-3"):
+        assert f'"{target}:9464"' in scraped
+    for target in ("logger", "logger-2"):
+        assert f'"{target}:9465"' in scraped
 
 
 def test_compose_refuses_to_start_the_greeter_without_a_token():
