@@ -4,7 +4,7 @@ every call, and `GreetingLog.record`, which reports a greeting and never fails t
 The log entry is a side effect; the greeting is the product. So a call to the Logger has a
 deadline (GREETER_LOGGER_TIMEOUT), and when it fails (the Logger is down, slow, or refuses
 the call) the Greeter logs one WARNING, counts it in greeter_unlogged_greetings_total, and
-answers its caller as if nothing happened. README, "When the Logger is slow or down".
+answers its caller as if nothing happened. step 10's README, "When the Logger is slow or down".
 """
 
 import asyncio

@@ -66,7 +66,7 @@ class GreetingLogService(logger_pb2_grpc.LoggerServicer):
                 trace_id=current_trace_id() or "",
                 # From the call's metadata: the request id (propagation.py), and the user the
                 # auth interceptor checked, believed because the caller holds the Logger's
-                # token (README, "Who may set x-user-id, and why the Logger believes it").
+                # token. See step 11's README, "Who may set x-user-id, and why the Logger believes it".
                 user_id=current_user_id(),
                 request_id=current_request_id(),
             )

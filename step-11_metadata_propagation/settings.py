@@ -159,7 +159,8 @@ class Settings(ServerSettings):
     logger_target: str = option(
         "127.0.0.1:50052", "GREETER_LOGGER_TARGET", "address of the Logger service"
     )
-    # What a greeting may wait for its log entry (README, "When the Logger is slow or down").
+    # What a greeting may wait for its log entry: step 10's README,
+    # "When the Logger is slow or down".
     logger_timeout: float = option(
         0.5,
         "GREETER_LOGGER_TIMEOUT",

@@ -6,7 +6,7 @@ its channel to the Logger (logger_client.py) held for the server's lifetime.
 Prints `metrics on HOST:PORT`, then `listening on HOST:PORT` once it serves (tools and tests
 read the ports from them), and shuts down gracefully on SIGINT/SIGTERM. It starts whether
 or not the Logger is up: greetings never wait for it
-(README, "When the Logger is slow or down").
+(step 10's README, "When the Logger is slow or down").
 """
 
 import contextlib

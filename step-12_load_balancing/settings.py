@@ -166,7 +166,8 @@ class Settings(ServerSettings):
         "GREETER_LOGGER_TARGET",
         "the Logger's address, or its replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT",
     )
-    # What a greeting may wait for its log entry (README, "When the Logger is slow or down").
+    # What a greeting may wait for its log entry: step 10's README,
+    # "When the Logger is slow or down".
     logger_timeout: float = option(
         0.5,
         "GREETER_LOGGER_TIMEOUT",

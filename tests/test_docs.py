@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.support.readme import console_commands, section
 from tools.processes import StepServices, demo_environment, run_script
-from tools.steps import ROOT, STEP_NAMES
+from tools.steps import ROOT, STEP_NAMES, all_steps
 
 ROOT_README = ROOT / "README.md"
 # Where the steps' code names an environment variable: a settings declaration
@@ -41,7 +41,9 @@ STEP_SECTIONS = [
     "Next step",
 ]
 SH_BLOCK = re.compile(r"^```sh\n(.*?)^```", re.MULTILINE | re.DOTALL)
-README_REFERENCE = re.compile(r'README,? "([^"]+)"')
+# `README, "The chain"`: a heading of the step's own README; `step 10's README, "..."`: of the
+# README of the step that introduced it (a module is carried into every later step).
+README_REFERENCE = re.compile(r'(?:step (\d\d)\'s )?README,?\s+(?:#\s+)?"([^"\n]+)"')
 
 
 def test_step_readme_has_every_section(step):
@@ -55,18 +57,21 @@ def test_try_it_yourself_has_a_hint(step):
     assert "*Hint:*" in section(step.path / "README.md", "Try it yourself")
 
 
-def test_readme_references_in_the_code_point_to_sections_that_exist(step):
-    """`(README, "The chain")` in a comment names a heading of this step's README."""
-    headings = {
-        line.lstrip("#").strip()
-        for line in (step.path / "README.md").read_text().splitlines()
-        if line.startswith("#")
+def headings(readme: Path) -> set[str]:
+    return {
+        line.lstrip("#").strip() for line in readme.read_text().splitlines() if line.startswith("#")
     }
+
+
+def test_readme_references_in_the_code_point_to_sections_that_exist(step):
+    """`(README, "The chain")` in a comment names a heading of this step's README, and
+    `(step 10's README, "...")` one of step 10's."""
+    readmes = {s.label: s.path / "README.md" for s in all_steps()}
     missing = [
-        f"{path.name}: {title}"
+        f"{path.name}: {label or 'its own'} README, {title}"
         for path in step.path.glob("*.py")
-        for title in README_REFERENCE.findall(path.read_text())
-        if title not in headings
+        for label, title in README_REFERENCE.findall(path.read_text())
+        if title not in headings(readmes[label] if label else step.path / "README.md")
     ]
     assert not missing
 
