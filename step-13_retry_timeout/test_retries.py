@@ -111,7 +111,9 @@ async def test_a_logger_failing_twice_is_retried_and_stores_the_entry_once(
     start_server, start_logger
 ):
     logger = await start_logger(FlakyLogger)
-    server = await start_server(logger_target=logger.address)
+    # Attempts of 1 s each: gRPC's backoffs (50 ms, then up to 100 ms) fit in one with room,
+    # even on a loaded machine, so all three attempts are gRPC's.
+    server = await start_server(logger_target=logger.address, logger_timeout=3.0)
     await say_hello(server.address)
     assert logger.servicer.attempts == [0, 1, 2]  # the first attempt and two retries
     [entry] = await logged_greetings(logger.address)
@@ -121,7 +123,7 @@ async def test_a_logger_failing_twice_is_retried_and_stores_the_entry_once(
 
 async def test_retries_stop_at_the_policys_attempts(start_server, start_logger):
     logger = await start_logger(AlwaysFlakyLogger)
-    server = await start_server(logger_target=logger.address)
+    server = await start_server(logger_target=logger.address, logger_timeout=3.0)
     await say_hello(server.address)  # the greeting succeeds all the same
     assert logger.servicer.attempts == list(range(MAX_ATTEMPTS))
     assert await unlogged(server, "Unavailable") == 1
