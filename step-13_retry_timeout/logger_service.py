@@ -49,8 +49,7 @@ class GreetingLogService(logger_pb2_grpc.LoggerServicer):
         self.entries: collections.deque[logger_pb2.Entry] = collections.deque(maxlen=max_entries)
         self.recorded = 0  # entries ever recorded: the next entry's sequence number - 1
         # The sequence number of each request id recorded, the newest `max_entries` of them:
-        # a Record retried (by gRPC, or by the Greeter) is stored once (README, "Idempotent
-        # by request id").
+        # a Record retried (by gRPC, or by the Greeter) is stored once (README, "How it works").
         self.sequence_of: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.max_entries = max_entries
         # Set when the server begins to shut down (serving.stop_gracefully).

@@ -34,9 +34,11 @@ RETRY_POLICY = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": RETRYABLE_CODES,
 }
-# A token bucket of 10: each failure takes 1, each success gives 0.1 back; below half (5)
-# the channel stops retrying until successes refill it.
-RETRY_THROTTLING = {"maxTokens": 10, "tokenRatio": 0.1}
+# A token bucket of 100: each failed attempt takes 1, each success gives 0.1 back; below half
+# (50) the channel stops retrying until successes refill it. Sized for a busy channel: one
+# replica of two dying with a few dozen calls in flight must not use it up (those calls are
+# exactly what retries are for), while a dependency that is down drains it within 50 calls.
+RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 0.1}
 
 # Methods safe to send twice. SayHello and StreamGreetings change nothing (the Logger entry is
 # idempotent by request id); a chat is a conversation, never replayed. The Logger's Record
