@@ -230,6 +230,16 @@ TOUR: dict[int, TourEntry] = {
             demo("spread", "--name", "Ada", "--calls", "30", "--user-id", "ada"),
         ),
     ),
+    13: TourEntry(
+        title="Retry and timeout",
+        adds="gRPC retries UNAVAILABLE for the methods safe to repeat; the caller's deadline reaches the Logger, minus a margin; a retried entry is stored once",
+        shows="SayHello greeting not logged (request_id=",
+        demos=(
+            demo("hello", "--name", "Ada", "--user-id", "ada", "-v"),
+            stop("logger"),
+            demo("hello", "--name", "Ada", "--user-id", "ada", "--timeout", "0.3", "-v"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
