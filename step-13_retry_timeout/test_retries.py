@@ -25,7 +25,7 @@ from conftest import (
 from greeter.v1 import greeter_pb2_grpc
 from logger.v1 import logger_pb2, logger_pb2_grpc
 from logger_service import GreetingLogService
-from retries import DEADLINE_MARGIN_SECONDS, MAX_ATTEMPTS
+from retries import DEADLINE_MARGIN_SECONDS, MAX_ATTEMPTS, REPORT_ATTEMPTS
 from service import Greeter
 from tests.support.helpers import eventually
 from tools.processes import StepServices
@@ -161,6 +161,24 @@ async def test_the_logger_never_has_more_time_than_the_greeter(start_server, sta
         assert logger_deadline <= greeter_deadline - DEADLINE_MARGIN_SECONDS + 0.01
     # With a generous caller deadline the Logger timeout is the limit instead.
     assert logger.servicer.deadlines[2] < server.servicer.deadlines[2] - 4
+
+
+async def test_a_stuck_replica_costs_one_short_attempt_and_the_next_goes_elsewhere(
+    start_server, start_logger
+):
+    """Why the Greeter's own attempts (tenacity): of two Logger replicas, one takes every
+    Record and never answers. Each report that lands on it gives up after one attempt (a third
+    of the Logger timeout) and is sent again, round robin, to the other: every entry arrives,
+    and no greeting waits for the whole Logger timeout. Without these attempts, half the
+    reports would wait 1.5 s and be lost."""
+    stuck, healthy = await start_logger(StuckLogger), await start_logger()
+    server = await start_server(
+        logger_target=f"ipv4:{stuck.address},{healthy.address}", logger_timeout=1.5
+    )
+    durations = [await say_hello(server.address) for _ in range(10)]
+    assert len(await logged_greetings(healthy.address)) == 10
+    assert await unlogged(server, "DeadlineExceeded") == 0
+    assert max(durations) < 1.5 / REPORT_ATTEMPTS + 0.4, durations  # one short attempt at most
 
 
 async def test_a_record_sent_twice_is_stored_once(start_logger):
