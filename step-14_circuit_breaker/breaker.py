@@ -58,7 +58,9 @@ class StateReporter(pybreaker.CircuitBreakerListener):
         self.skipped_while_open = 0
 
     def failure(self, breaker: pybreaker.CircuitBreaker, error: BaseException) -> None:
-        self.last_failure = error.code().name
+        # A gRPC error, or anything else that left the call (counted too: the report failed).
+        is_rpc_error = isinstance(error, grpc.aio.AioRpcError)
+        self.last_failure = error.code().name if is_rpc_error else type(error).__name__
 
     def state_change(self, breaker, old, new) -> None:
         if old is not None and old.name == new.name:
