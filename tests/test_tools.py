@@ -1,12 +1,15 @@
 """The repo tools fail when they should: the ladder tool on a conflict, the test runner on a
-failing or (in CI) skipped test, the tour on a failing demo. Each runs on a small scratch
-repository, never on this one."""
+failing or (in CI) skipped test, the tour on a failing demo; and a server the tools restart
+comes back at its address. Each runs on a small scratch repository, never on this one."""
 
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from tools.processes import ServerProcess
 from tools.steps import ROOT
 
 
@@ -161,3 +164,28 @@ def test_tour_fails_when_a_demo_fails(tmp_path):
     assert result.returncode == 1
     assert "✗ expected success, got exit code 1" in result.stdout
     assert "tour FAILED at step(s) 01" in result.stdout
+
+
+def test_a_restarted_server_comes_back_at_its_address_with_its_earlier_output(tmp_path):
+    write(
+        tmp_path / "server.py",
+        """\
+        import argparse, signal, socket, sys
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--port", type=int, action="append")
+        port = parser.parse_args().port[-1]  # the last --port wins, as with the steps' servers
+        sock = socket.create_server(("127.0.0.1", port))
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        print(f"listening on 127.0.0.1:{sock.getsockname()[1]}", flush=True)
+        signal.pause()
+    """,
+    )
+    first = ServerProcess(tmp_path)
+    with pytest.raises(RuntimeError, match="is still running"):
+        first.restarted()
+    assert first.stop() == 0
+    with first.restarted() as again:
+        assert again.address == first.address
+        assert again.output.startswith(
+            f"listening on {first.address}\n(exit code 0; started again)\nlistening on"
+        )

@@ -51,6 +51,8 @@ class ServerProcess:
         ready_timeout: float = 20.0,
     ):
         self.command = [sys.executable, script, "--port", "0", *args]
+        self._start = (step_dir, args, script, env, ready_timeout)  # for restarted()
+        self.earlier_output = ""  # a restarted server's output before its restart
         self.process = subprocess.Popen(
             self.command,
             cwd=step_dir,
@@ -96,7 +98,20 @@ class ServerProcess:
 
     @property
     def output(self) -> str:
-        return "".join(self._output)
+        return self.earlier_output + "".join(self._output)
+
+    def restarted(self) -> "ServerProcess":
+        """The same server started again on the port it had, once it has stopped: a
+        dependency that comes back at the address its callers know."""
+        if self.process.poll() is None:
+            raise RuntimeError(f"{' '.join(self.command)} is still running")
+        step_dir, args, script, env, ready_timeout = self._start
+        port = self.address.rsplit(":", 1)[1]  # a later --port wins over the first
+        again = ServerProcess(
+            step_dir, *args, "--port", port, script=script, env=env, ready_timeout=ready_timeout
+        )
+        again.earlier_output = f"{self.output}(exit code {self.returncode}; started again)\n"
+        return again
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Send `sig`, wait for the exit and return the exit code (killing it after timeout)."""
@@ -177,6 +192,11 @@ class StepServices:
             raise
 
     def __getitem__(self, name: str) -> ServerProcess:
+        return self.processes[name]
+
+    def restart(self, name: str) -> ServerProcess:
+        """Start the stopped process `name` again, at its address."""
+        self.processes[name] = self.processes[name].restarted()
         return self.processes[name]
 
     def replicas(self, service: str) -> list[ServerProcess]:

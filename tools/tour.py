@@ -38,9 +38,12 @@ class Demo:
     # of the server's /metrics that start with args[0] and are not 0); "promql" (a real
     # Prometheus, started with the step's deploy/ files, answers the query args[0]); "trace"
     # (the tree of the last client's trace, from the tour's OTLP receiver); "stop" (stops
-    # the service args[0], as `kill -TERM` would).
+    # the service args[0], as `kill -TERM` would); "restart" (starts it again at its address).
     program: str = "client.py"
     env: tuple[tuple[str, str], ...] = ()  # environment variables set for this demo only
+    # A client demo run again and again until the Greeter's log shows this text (30 s at
+    # most): for what happens only after some time, such as a circuit breaker closing.
+    until_logged: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,19 @@ class TourEntry:
     # Several replicas of a service (step 12 on), e.g. (("greeter", 3),): "{target}" then
     # names them all (ipv4:HOST:PORT,HOST:PORT,...).
     replicas: tuple[tuple[str, int], ...] = ()
+    # Settings of the step's servers for the tour, e.g. (("GREETER_LOGGER_BREAKER_RESET", "1"),).
+    server_env: tuple[tuple[str, str], ...] = ()
 
 
-def demo(*args: str, fails: bool = False, env: dict[str, str] | None = None) -> Demo:
-    return Demo(args=(*args, "--target", "{target}"), fails=fails, env=tuple((env or {}).items()))
+def demo(
+    *args: str, fails: bool = False, env: dict[str, str] | None = None, until_logged: str = ""
+) -> Demo:
+    return Demo(
+        args=(*args, "--target", "{target}"),
+        fails=fails,
+        env=tuple((env or {}).items()),
+        until_logged=until_logged,
+    )
 
 
 def metrics(prefix: str) -> Demo:
@@ -71,6 +83,10 @@ def last_trace() -> Demo:
 
 def stop(service: str) -> Demo:
     return Demo(args=(service,), program="stop")
+
+
+def restart(service: str) -> Demo:
+    return Demo(args=(service,), program="restart")
 
 
 def promql(query: str) -> Demo:
@@ -240,6 +256,24 @@ TOUR: dict[int, TourEntry] = {
             demo("hello", "--name", "Ada", "--user-id", "ada", "--timeout", "0.3", "-v"),
         ),
     ),
+    14: TourEntry(
+        title="Circuit breaker",
+        adds="after 5 failed Logger calls in a row the Greeter stops calling it: greetings get their speed back; one trial call later closes the breaker",
+        shows="Logger breaker closed: the trial call succeeded",
+        server_env=(("GREETER_LOGGER_BREAKER_RESET", "1"),),  # 5 s by default
+        demos=(
+            stop("logger"),
+            # -v: each call's duration. The first 5 wait for a Logger that is down; then the
+            # breaker is open and the Greeter answers at once.
+            demo("spread", "--name", "Ada", "--calls", "8", "--user-id", "ada", "-v"),
+            metrics("greeter_logger_breaker"),
+            restart("logger"),
+            demo(
+                "hello", "--name", "Ada", "--user-id", "ada", until_logged="Logger breaker closed"
+            ),
+            metrics("greeter_logger_breaker"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -304,6 +338,25 @@ def show_last_trace(receiver: OtlpReceiver | None, services: int) -> subprocess.
     return subprocess.CompletedProcess("trace", 1, "", "no complete trace arrived in 15 s\n")
 
 
+def run_until_logged(step: Step, args: list[str], env: dict, greeter, d: Demo):
+    """The client demo, again every 0.2 s while it succeeds, until the Greeter's log shows
+    `d.until_logged`; the runs, and the line that ended them."""
+    print(f"    (again every 0.2 s until the greeter logs {d.until_logged!r})", flush=True)
+    started, runs = time.monotonic(), 0
+    while time.monotonic() < started + 30:
+        result = run_script(step.path, "client.py", *args, timeout=60, env=env)
+        runs += 1
+        seen = [line for line in greeter.output.splitlines() if d.until_logged in line]
+        if result.returncode != 0 or seen:
+            took = time.monotonic() - started
+            shown = f"{runs} runs in {took:.1f} s, the last one said: {result.stdout}"
+            return subprocess.CompletedProcess(
+                args, result.returncode, shown + "".join(f"{line}\n" for line in seen), ""
+            )
+        time.sleep(0.2)  # the pace of the demo, not synchronisation
+    return subprocess.CompletedProcess(args, 1, "", f"no {d.until_logged!r} in 30 s\n")
+
+
 def run_entry(step: Step, entry: TourEntry) -> bool:
     print(f"\n{BAR}\nStep {step.label} · {entry.title}\n  adds: {entry.adds}\n{BAR}", flush=True)
     ok = True
@@ -317,7 +370,9 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
             }
-        services = StepServices(step.path, env, replicas=dict(entry.replicas))
+        services = StepServices(
+            step.path, env | dict(entry.server_env), replicas=dict(entry.replicas)
+        )
         for name, server in services.processes.items():
             wiring = "".join(f"{k}={v} " for k, v in services.wiring[name].items())
             print(f"$ {wiring}python {server.command[1]} --port 0")
@@ -346,6 +401,10 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 print(f"$ kill -TERM <{args[0]}>   # the {args[0]} stops", flush=True)
                 code = services[args[0]].stop()
                 result = subprocess.CompletedProcess(args, code, f"exit code {code}\n", "")
+            elif d.program == "restart":
+                again = services.restart(args[0])
+                print(f"$ python {again.command[1]} --port {again.address.rsplit(':', 1)[1]}")
+                result = subprocess.CompletedProcess(args, 0, f"listening on {again.address}\n", "")
             elif d.program == "metrics":
                 result = show_metrics(greeter.addresses["metrics"], args[0])
             elif d.program == "promql":
@@ -355,9 +414,12 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             else:
                 shown_env = "".join(f"{name}={shlex.quote(value)} " for name, value in d.env)
                 print(f"$ {shown_env}python client.py {shlex.join(args)}", flush=True)
-                result = run_script(
-                    step.path, "client.py", *args, timeout=60, env={**env, **dict(d.env)}
-                )
+                if d.until_logged:
+                    result = run_until_logged(step, args, {**env, **dict(d.env)}, greeter, d)
+                else:
+                    result = run_script(
+                        step.path, "client.py", *args, timeout=60, env={**env, **dict(d.env)}
+                    )
             print(indent(result.stdout + result.stderr), end="")
             if (result.returncode != 0) != d.fails:
                 expected = "an error" if d.fails else "success"
