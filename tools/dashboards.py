@@ -26,6 +26,7 @@ class Target:
     expr: str  # as written in the dashboard, variables and all
     legend: str
     datasource_uid: str | None
+    value_texts: tuple[tuple[str, str], ...] = ()  # the panel's value mappings: ("2", "open")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,13 @@ def targets(dashboard: dict) -> list[Target]:
     found = []
     for panel in dashboard["panels"]:
         for inner in [panel, *panel.get("panels", [])]:
+            mappings = inner.get("fieldConfig", {}).get("defaults", {}).get("mappings", [])
+            texts = tuple(
+                (value, result["text"])
+                for mapping in mappings
+                if mapping["type"] == "value"
+                for value, result in mapping["options"].items()
+            )
             for target in inner.get("targets", []):
                 found.append(
                     Target(
@@ -52,6 +60,7 @@ def targets(dashboard: dict) -> list[Target]:
                         target.get("expr", ""),
                         target.get("legendFormat", ""),
                         target.get("datasource", {}).get("uid"),
+                        texts,
                     )
                 )
     return found
@@ -91,13 +100,16 @@ def evaluate(
 
 
 def table(answers: dict[Target, list[Series]]) -> str:
-    """One line per series: panel, legend, value (NaN: no calls to divide by)."""
+    """One line per series: panel, legend, value (NaN: no calls to divide by), with the
+    panel's value mappings applied (a breaker state of 2 reads "open")."""
     rows = [("panel", "series", "value")]
     for target, series in answers.items():
         if not series:
             rows.append((target.panel, f"{target.ref_id}: no data", ""))
-        for s in series:
-            rows.append((target.panel, s.name or target.ref_id, f"{s.value:.4g}"))
+        texts = dict(target.value_texts)
+        for s in sorted(series, key=lambda s: s.name):
+            shown = f"{s.value:.4g}"
+            rows.append((target.panel, s.name or target.ref_id, texts.get(shown, shown)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     return "\n".join(
         f"{p:<{widths[0]}}  {n:<{widths[1]}}  {v:>{widths[2]}}".rstrip() for p, n, v in rows

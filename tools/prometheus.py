@@ -108,14 +108,14 @@ class PrometheusProcess:
             groups = json.load(response)["data"]["groups"]
         return [rule for group in groups for rule in group["rules"]]
 
-    def scraped_after(self, moment: float) -> bool:
-        """Whether every target the caller gave has been scraped, successfully, since `moment`
-        (a Unix time): what happened before it is in Prometheus."""
+    def scraped_after(self, moment: float, targets: list[str] | None = None) -> bool:
+        """Whether each of `targets` (default: every one the caller gave) has been scraped,
+        successfully, since `moment` (a Unix time): what happened before it is in Prometheus."""
         # timestamp() of a plain selector is the time of the sample (after `== 1` it would be
         # the time of the query): the last scrape of each target.
         up = {r["metric"]["instance"] for r in self.query("up") if r["value"][1] == "1"}
         last = {r["metric"]["instance"]: float(r["value"][1]) for r in self.query("timestamp(up)")}
-        return all(t in up and last[t] > moment for t in self.targets)
+        return all(t in up and last[t] > moment for t in targets or self.targets)
 
     def stop(self) -> None:
         if self.process.poll() is None:
