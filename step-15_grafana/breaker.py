@@ -8,8 +8,8 @@ fail. The breaker notices the failures and stops calling for a while:
     half-open ──(its one trial call succeeds)──▶ closed
     half-open ──(its one trial call fails)──▶ open
 
-While it is open, a report skips the Logger at once and is counted as skipped. README,
-"The circuit breaker".
+While it is open, a report skips the Logger at once and is counted as skipped. See
+step 14's README, "The circuit breaker".
 """
 
 import logging
@@ -92,8 +92,8 @@ class StateReporter(pybreaker.CircuitBreakerListener):
 
 
 class LoggerBreaker:
-    """Runs each report to the Logger through a pybreaker breaker (README, "The circuit
-    breaker"). pybreaker has no asyncio support, but its `calling()` context around an
+    """Runs each report to the Logger through a pybreaker breaker (step 14's README, "The
+    circuit breaker"). pybreaker has no asyncio support, but its `calling()` context around an
     `await` works: the state changes happen on the event loop's one thread."""
 
     def __init__(self, failures: int, reset_seconds: float, registry: CollectorRegistry):

@@ -174,7 +174,8 @@ class Settings(ServerSettings):
         "deadline of each call to the Logger, in seconds",
         parse=positive_seconds,
     )
-    # When the Logger keeps failing, stop calling it for a while: README, "The circuit breaker".
+    # When the Logger keeps failing, stop calling it for a while: step 14's README,
+    # "The circuit breaker".
     logger_breaker_failures: int = option(
         5,
         "GREETER_LOGGER_BREAKER_FAILURES",
