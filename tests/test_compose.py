@@ -80,6 +80,25 @@ def test_compose_runs_the_replicas_and_wires_the_greeters_to_the_loggers():
         assert f'"{target}:9465"' in scraped
 
 
+def test_grafana_is_provisioned_from_the_mounted_step():
+    """Grafana's provisioning path and the dashboards' path inside the container are the
+    step's deploy/grafana/ folders, through the one mount of its deploy/ folder."""
+    newest = all_steps()[-1]
+    grafana = compose_config(newest.name)["services"]["grafana"]
+    [mount] = grafana["volumes"]
+    in_container = Path(mount["target"])
+    on_host = Path(mount["source"])
+
+    def host_path(container_path: str) -> Path:
+        return on_host / Path(container_path).relative_to(in_container)
+
+    provisioning = host_path(grafana["environment"]["GF_PATHS_PROVISIONING"])
+    assert (provisioning / "datasources" / "datasources.yml").exists()
+    providers = (provisioning / "dashboards" / "dashboards.yml").read_text()
+    [dashboards] = re.findall(r"^\s+path: (\S+)$", providers, re.M)
+    assert (host_path(dashboards) / "greeter.json").exists()
+
+
 def test_compose_refuses_to_start_the_greeter_without_a_token():
     env = {k: v for k, v in os.environ.items() if k != "GREETER_AUTH_TOKEN"}
     result = subprocess.run(

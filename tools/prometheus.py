@@ -25,7 +25,8 @@ INSTALL_HINT = "sudo apt-get install prometheus (Debian/Ubuntu), brew install pr
 
 class PrometheusProcess:
     """`prometheus` running with the files of `deploy_dir` (prometheus.yml and the rule files
-    beside it), each `targets` key replaced by its value, scraping every second."""
+    beside it), each `targets` key replaced by its value, scraping and evaluating its rules
+    every second."""
 
     def __init__(self, deploy_dir: Path, targets: dict[str, str], ready_timeout: float = 30.0):
         binary = shutil.which("prometheus")
@@ -34,10 +35,12 @@ class PrometheusProcess:
         self.directory = Path(tempfile.mkdtemp(prefix="prometheus-"))
         for path in deploy_dir.glob("*.yml"):
             shutil.copy(path, self.directory / path.name)
+        self.targets = list(targets.values())
         config = (self.directory / "prometheus.yml").read_text()
         for placeholder, address in targets.items():
             config = config.replace(placeholder, address)
         config = config.replace("scrape_interval: 15s", "scrape_interval: 1s")
+        config = config.replace("evaluation_interval: 15s", "evaluation_interval: 1s")
         (self.directory / "prometheus.yml").write_text(config)
         self.url = f"http://127.0.0.1:{free_port()}"
         self._log = (self.directory / "prometheus.log").open("w")
@@ -48,6 +51,8 @@ class PrometheusProcess:
                 f"--storage.tsdb.path={self.directory / 'data'}",
                 f"--web.listen-address={self.url.removeprefix('http://')}",
                 "--log.level=warn",
+                # Keep the exemplars (trace ids) metrics.py attaches to its histograms.
+                "--enable-feature=exemplar-storage",
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -78,14 +83,39 @@ class PrometheusProcess:
     def log(self) -> str:
         return (self.directory / "prometheus.log").read_text()
 
-    def query(self, promql: str) -> list[dict]:
-        """The result of an instant query: [{"metric": {labels}, "value": [time, "text"]}]."""
-        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode({'query': promql})}"
+    def query(self, promql: str, at: float | None = None) -> list[dict]:
+        """The result of an instant query, now or `at` a Unix time:
+        [{"metric": {labels}, "value": [time, "text"]}]."""
+        parameters = {"query": promql} | ({} if at is None else {"time": at})
+        url = f"{self.url}/api/v1/query?{urllib.parse.urlencode(parameters)}"
         with urllib.request.urlopen(url, timeout=10) as response:
             answer = json.load(response)
         if answer["status"] != "success":
             raise RuntimeError(f"{promql}: {answer}")
         return answer["data"]["result"]
+
+    def exemplars(self, promql: str, since: float) -> list[dict]:
+        """The exemplars of the series `promql` selects, from `since` (a Unix time) to now:
+        [{"seriesLabels": {...}, "exemplars": [{"labels": {"trace_id": ...}, ...}]}]."""
+        parameters = {"query": promql, "start": since, "end": time.time()}
+        url = f"{self.url}/api/v1/query_exemplars?{urllib.parse.urlencode(parameters)}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return json.load(response)["data"]
+
+    def rules(self) -> list[dict]:
+        """Every rule Prometheus loaded from the rule files: [{"name", "health", ...}]."""
+        with urllib.request.urlopen(f"{self.url}/api/v1/rules", timeout=10) as response:
+            groups = json.load(response)["data"]["groups"]
+        return [rule for group in groups for rule in group["rules"]]
+
+    def scraped_after(self, moment: float, targets: list[str] | None = None) -> bool:
+        """Whether each of `targets` (default: every one the caller gave) has been scraped,
+        successfully, since `moment` (a Unix time): what happened before it is in Prometheus."""
+        # timestamp() of a plain selector is the time of the sample (after `== 1` it would be
+        # the time of the query): the last scrape of each target.
+        up = {r["metric"]["instance"] for r in self.query("up") if r["value"][1] == "1"}
+        last = {r["metric"]["instance"]: float(r["value"][1]) for r in self.query("timestamp(up)")}
+        return all(t in up and last[t] > moment for t in targets or self.targets)
 
     def stop(self) -> None:
         if self.process.poll() is None:

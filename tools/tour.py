@@ -21,10 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools import dashboards
 from tools.otlp_receiver import OtlpReceiver
 from tools.processes import StepServices, demo_environment, run_script
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
 from tools.steps import ROOT, Step, select_steps
+
+# The /metrics port each service has in deploy/prometheus.yml (the tour's servers use others).
+METRICS_PORTS = {"greeter": 9464, "logger": 9465}
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,9 @@ class Demo:
     # of the server's /metrics that start with args[0] and are not 0); "promql" (a real
     # Prometheus, started with the step's deploy/ files, answers the query args[0]); "trace"
     # (the tree of the last client's trace, from the tour's OTLP receiver); "stop" (stops
-    # the service args[0], as `kill -TERM` would); "restart" (starts it again at its address).
+    # the service args[0], as `kill -TERM` would); "restart" (starts it again at its address);
+    # "dashboard" (every panel of the step's Grafana dashboard, for the service args[0], as
+    # the entry's Prometheus answers it).
     program: str = "client.py"
     env: tuple[tuple[str, str], ...] = ()  # environment variables set for this demo only
     # A client demo run again and again until the Greeter's log shows this text (30 s at
@@ -60,6 +66,8 @@ class TourEntry:
     replicas: tuple[tuple[str, int], ...] = ()
     # Settings of the step's servers for the tour, e.g. (("GREETER_LOGGER_BREAKER_RESET", "1"),).
     server_env: tuple[tuple[str, str], ...] = ()
+    # A real Prometheus (when installed) scrapes every service from the start, for `dashboard`.
+    prometheus: bool = False
 
 
 def demo(
@@ -87,6 +95,10 @@ def stop(service: str) -> Demo:
 
 def restart(service: str) -> Demo:
     return Demo(args=(service,), program="restart")
+
+
+def dashboard(service: str) -> Demo:
+    return Demo(args=(service,), program="dashboard")
 
 
 def promql(query: str) -> Demo:
@@ -274,6 +286,21 @@ TOUR: dict[int, TourEntry] = {
             metrics("greeter_logger_breaker"),
         ),
     ),
+    15: TourEntry(
+        title="Grafana dashboards",
+        adds="a dashboard built as code (grafana-foundation-sdk), each panel's query checked against a real Prometheus; exemplars link latency to traces",
+        shows="skipped: breaker open",
+        prometheus=True,
+        demos=(
+            demo("spread", "--name", "Ada", "--calls", "10", "--user-id", "ada"),
+            demo("hello", "--name", "", "--user-id", "ada", fails=True),
+            demo("stream", "--name", "Ada", "--count", "3", "--user-id", "ada"),
+            demo("chat", "--message", "Ada", "--message", "Grace", "--user-id", "ada"),
+            stop("logger"),
+            demo("spread", "--name", "Ada", "--calls", "7", "--user-id", "ada"),
+            dashboard("greeter.v1.Greeter"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -338,6 +365,49 @@ def show_last_trace(receiver: OtlpReceiver | None, services: int) -> subprocess.
     return subprocess.CompletedProcess("trace", 1, "", "no complete trace arrived in 15 s\n")
 
 
+def start_prometheus(step: Step, services: StepServices) -> PrometheusProcess | None:
+    """A real Prometheus with the step's deploy/ files, scraping every service the tour
+    started, once it has a first scrape of each; None without the binary."""
+    print("$ prometheus --config.file=deploy/prometheus.yml   # scraping every service")
+    if shutil.which("prometheus") is None:
+        print(indent(f"(skipped: needs `prometheus`: {INSTALL_HINT})"), end="")
+        return None
+    targets = {
+        f"{name}:{METRICS_PORTS[name.split('-')[0]]}": process.addresses["metrics"]
+        for name, process in services.processes.items()
+    }
+    prometheus = PrometheusProcess(step.path / "deploy", targets)
+    started = time.time()
+    deadline = time.monotonic() + 30
+    while not prometheus.scraped_after(started):
+        if time.monotonic() > deadline:
+            prometheus.stop()
+            raise RuntimeError("Prometheus did not scrape every service within 30 s")
+        time.sleep(0.2)  # polling: the first scrape is queryable ~5.5 s after start
+    print(indent(f"scraping {', '.join(targets)} every second"), end="", flush=True)
+    return prometheus
+
+
+def show_dashboard(
+    step: Step, prometheus: PrometheusProcess | None, services: StepServices, service: str
+) -> subprocess.CompletedProcess:
+    """Each panel's current values, once Prometheus has scraped what the demos did."""
+    print(f"$ # deploy/grafana/dashboards/greeter.json, each panel now, for service={service}")
+    if prometheus is None:
+        return subprocess.CompletedProcess(service, 0, "(skipped: no Prometheus)\n", "")
+    running = [
+        p.addresses["metrics"] for p in services.processes.values() if p.process.poll() is None
+    ]
+    now, deadline = time.time(), time.monotonic() + 15
+    while not prometheus.scraped_after(now, running):
+        if time.monotonic() > deadline:
+            return subprocess.CompletedProcess(service, 1, "", "no scrape within 15 s\n")
+        time.sleep(0.2)  # polling the next scrape
+    board = dashboards.load(step.path / "deploy" / "grafana" / "dashboards" / "greeter.json")
+    answers = dashboards.evaluate(prometheus, board, {"service": service})
+    return subprocess.CompletedProcess(service, 0, dashboards.table(answers) + "\n", "")
+
+
 def run_until_logged(step: Step, args: list[str], env: dict, greeter, d: Demo):
     """The client demo, again every 0.2 s while it succeeds, until the Greeter's log shows
     `d.until_logged`; the runs, and the line that ended them."""
@@ -363,6 +433,7 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
     services: StepServices | None = None
     workdir = tempfile.TemporaryDirectory(prefix=f"tour-{step.label}-")
     receiver = OtlpReceiver() if entry.traces else None
+    prometheus: PrometheusProcess | None = None
     try:
         env = demo_environment(step.path, Path(workdir.name))  # tokens, certificates
         if receiver is not None:  # spans to the tour's receiver, in batches 0.1 s apart
@@ -378,6 +449,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             print(f"$ {wiring}python {server.command[1]} --port 0")
             for line, address in server.addresses.items():
                 print(f"    {line} on {address}", flush=True)
+        if entry.prometheus:
+            prometheus = start_prometheus(step, services)
         greeter = services["greeter"]
         places = {
             "{target}": services.targets["greeter"],
@@ -409,6 +482,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 result = show_metrics(greeter.addresses["metrics"], args[0])
             elif d.program == "promql":
                 result = ask_prometheus(step, greeter.addresses["metrics"], args[0])
+            elif d.program == "dashboard":
+                result = show_dashboard(step, prometheus, services, args[0])
             elif d.program == "trace":
                 result = show_last_trace(receiver, len(services.processes))
             else:
@@ -429,6 +504,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
         print(f"  ✗ {err}")
         ok = False
     finally:
+        if prometheus is not None:
+            prometheus.stop()
         if services is not None:
             for name, code in services.stop().items():
                 print(f"  {name} log:")
