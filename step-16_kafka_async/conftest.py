@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import re
 import secrets
 import shutil
@@ -31,6 +32,7 @@ from serving import RunningServer
 from settings import LoggerSettings, Settings
 from tests.support.helpers import require_binary
 from tls import channel_credentials
+from tools.broker import KafkaBroker, S3Server
 from tools.otlp_receiver import OtlpReceiver
 from tools.processes import ServerProcess, make_certificates, run_script
 
@@ -73,7 +75,32 @@ def secrets_in_the_environment():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def logger_process(receiver, secrets_in_the_environment):
+def s3():
+    """A local S3 server (moto), where the tests' brokers keep their logs."""
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True, scope="session")
+def kafka(s3):
+    """A real Kafka-protocol broker for the whole session: every Greeter publishes its events
+    to it and every Logger counts them, in-process or as a process (KAFKA_BOOTSTRAP_SERVERS).
+    Tests about the events get a broker of their own (`broker`)."""
+    with KafkaBroker(s3) as session_broker, pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KAFKA_BOOTSTRAP_SERVERS", session_broker.bootstrap)
+        patch.setenv("LOGGER_EVENTS_ASSIGNMENT", "all")  # no group join: it takes seconds
+        yield session_broker
+
+
+@pytest.fixture
+def broker(s3):
+    """A broker of the test's own, its log in S3: `broker.stop()`, `broker.start()`."""
+    with KafkaBroker(s3) as own:
+        yield own
+
+
+@pytest.fixture(autouse=True, scope="session")
+def logger_process(receiver, secrets_in_the_environment, kafka):
     """`python logger_server.py --port 0`, running for the whole session: every Greeter
     process a test starts reports to it (GREETER_LOGGER_TARGET), as a learner's does to the
     Logger beside it. In-process Greeters get a Logger of their own (`start_server`)."""
@@ -102,6 +129,9 @@ def server_settings(settings_class=Settings, **overrides):
             "logger_ca": str(CERTS / "ca.crt"),
             **overrides,
         }
+    else:
+        overrides = {"events_assignment": "all", **overrides}
+    overrides = {"kafka_bootstrap_servers": os.environ["KAFKA_BOOTSTRAP_SERVERS"], **overrides}
     return settings_class(
         **{
             "host": "127.0.0.1",

@@ -160,8 +160,10 @@ async def keep_consuming(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), RETRY_SECONDS)  # the retry's pace
         finally:
-            with contextlib.suppress(KafkaError, OSError):
-                await consumer.stop()
+            # Bounded: with the broker away, leaving could wait for its request timeouts.
+            with contextlib.suppress(KafkaError, OSError, TimeoutError):
+                async with asyncio.timeout(RETRY_SECONDS * 4):
+                    await consumer.stop()
 
 
 @contextlib.asynccontextmanager

