@@ -6,7 +6,7 @@
 Grafana loads the JSON file (deploy/grafana/provisioning/). This module is its source: a
 change to a panel is a change here, reviewed as code, and the JSON is rebuilt from it.
 Every query reads the go-grpc-prometheus series of metrics.py, so the dashboard also fits a
-Go service. README, "The dashboard".
+Go service. See step 15's README, "The dashboard".
 """
 
 import argparse

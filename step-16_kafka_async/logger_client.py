@@ -141,8 +141,8 @@ async def connected_greeting_log(
     # handshake. The Greeter starts either way: a Logger that is not up yet is retried by
     # the channel in the background.
     channel.get_state(try_to_connect=True)
-    # The attempts after the first that the Greeter makes itself (gRPC's own retries happen
-    # below the interceptors, and only the Logger sees them: README, "The dashboard").
+    # The attempts after the first that the Greeter makes itself. gRPC's own retries happen
+    # below the interceptors; only the Logger sees them (step 15's README, "The dashboard").
     retries = Counter(
         "greeter_logger_report_retries_total",
         "Attempts at a Logger report after the first, made by the Greeter (tenacity).",
