@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -35,6 +36,7 @@ GROUP = "logger"
 POLL_MILLISECONDS = 200
 RETRY_SECONDS = 0.5
 STOP_SECONDS = 10.0  # for the last batch and its commit, on shutdown
+PARTITIONS_CHECK_SECONDS = 10.0  # how often an "all" consumer looks for new partitions
 
 
 class GreetingCounts:
@@ -96,10 +98,16 @@ class GreetingCounts:
         return sum(self.by_user.values())
 
 
-async def consume(consumer: AIOKafkaConsumer, counts: GreetingCounts, stop: asyncio.Event) -> None:
-    """Read, count, commit, until `stop` is set: it ends between two batches, so what was
-    counted has been committed."""
-    while not stop.is_set():
+async def consume(
+    consumer: AIOKafkaConsumer,
+    counts: GreetingCounts,
+    stop: asyncio.Event,
+    for_seconds: float = float("inf"),
+) -> None:
+    """Read, count, commit, until `stop` is set (or `for_seconds` have passed): it ends
+    between two batches, so what was counted has been committed."""
+    ends = time.monotonic() + for_seconds
+    while not stop.is_set() and time.monotonic() < ends:
         batches = await consumer.getmany(timeout_ms=POLL_MILLISECONDS)
         for partition, records in batches.items():
             for record in records:
@@ -151,10 +159,12 @@ async def keep_consuming(
         try:
             await consumer.start()
             if assignment == "group":
-                consumer.subscribe([TOPIC])
-            else:
+                consumer.subscribe([TOPIC])  # Kafka assigns partitions, new ones too
+                await consume(consumer, counts, stop)
+            while assignment == "all" and not stop.is_set():
+                # Every partition, looked up again now and then: a topic may gain some.
                 await assign_every_partition(consumer, bootstrap, stop)
-            await consume(consumer, counts, stop)
+                await consume(consumer, counts, stop, for_seconds=PARTITIONS_CHECK_SECONDS)
         except (KafkaError, OSError) as err:
             log.warning("events are not read: the broker: %s", err or type(err).__name__)
             with contextlib.suppress(TimeoutError):

@@ -94,6 +94,7 @@ async def test_a_greeting_publishes_its_event_with_key_request_id_and_trace(
 ):
     greeter, logger = await start_pair(start_server, start_logger, broker)
     await greet(greeter.address, 1)
+    await wait_until_published(greeter, 1)  # the topic and its partitions exist
     [record] = await read_topic(broker.bootstrap, 1)
     event = events_pb2.GreetedEvent.FromString(record.value)
     assert (event.user_id, list(event.names), event.method) == (TEST_USER, ["Ada"], "SayHello")
