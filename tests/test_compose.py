@@ -49,6 +49,8 @@ def test_compose_file_is_valid_and_mounts_what_exists(compose_step):
     assert set(config["services"]) >= {"greeter", "logger", "prometheus", "jaeger", "grafana"}
     for name, service in config["services"].items():
         for volume in service.get("volumes", []):
+            if volume["type"] != "bind":  # a named volume (Kafka's log): Docker makes it
+                continue
             source = Path(volume["source"])
             if source.name == "certs":  # made on each machine by the step's ./gen_certs.sh
                 assert (source.parent / "gen_certs.sh").exists(), name
@@ -78,6 +80,18 @@ def test_compose_runs_the_replicas_and_wires_the_greeters_to_the_loggers():
         assert f'"{target}:9464"' in scraped
     for target in ("logger", "logger-2"):
         assert f'"{target}:9465"' in scraped
+
+
+def test_compose_runs_kafka_and_points_every_service_at_it():
+    """Step 16 on: Apache Kafka (KRaft), its log in a named volume; every Greeter and Logger
+    replica reads KAFKA_BOOTSTRAP_SERVERS."""
+    services = compose_config(all_steps()[-1].name)["services"]
+    kafka = services["kafka"]
+    assert kafka["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    assert [v["type"] for v in kafka["volumes"]] == ["volume"]
+    for name in ("greeter", "greeter-2", "greeter-3", "logger", "logger-2"):
+        assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092", name
 
 
 def test_grafana_is_provisioned_from_the_mounted_step():

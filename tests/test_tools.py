@@ -1,6 +1,7 @@
 """The repo tools fail when they should: the ladder tool on a conflict, the test runner on a
 failing or (in CI) skipped test, the tour on a failing demo; and a server the tools restart
-comes back at its address. Each runs on a small scratch repository, never on this one."""
+comes back at its address; the Kafka-protocol broker keeps its log across a restart. Each runs
+on a small scratch repository or its own processes, never on this one."""
 
 import subprocess
 import sys
@@ -8,7 +9,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from tools.broker import KafkaBroker, S3Server
 from tools.processes import ServerProcess
 from tools.steps import ROOT
 
@@ -189,3 +192,40 @@ def test_a_restarted_server_comes_back_at_its_address_with_its_earlier_output(tm
         assert again.output.startswith(
             f"listening on {first.address}\n(exit code 0; started again)\nlistening on"
         )
+
+
+async def test_the_broker_keeps_its_events_and_offsets_across_a_restart():
+    """Tansu with its log in moto's S3: what was written and committed before a stop is there
+    after the start, on the same port, as with Kafka's own disks."""
+    with S3Server() as s3, KafkaBroker(s3) as broker:
+        producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap)
+        await producer.start()
+        try:
+            sent = [
+                await producer.send_and_wait("t", f"e{n}".encode(), partition=0) for n in range(3)
+            ]
+        finally:
+            await producer.stop()
+        partition = TopicPartition("t", 0)
+        consumer = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id="g")
+        consumer.assign([partition])
+        await consumer.start()
+        try:
+            await consumer.commit({partition: 2})
+        finally:
+            await consumer.stop()
+        broker.stop()
+        broker.start()
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=broker.bootstrap, group_id="g", auto_offset_reset="earliest"
+        )
+        consumer.assign([partition])
+        await consumer.start()
+        try:
+            assert await consumer.committed(partition) == 2
+            await consumer.seek_to_beginning(partition)
+            records = await consumer.getmany(partition, timeout_ms=5000)
+        finally:
+            await consumer.stop()
+    assert [r.value for r in records[partition]] == [b"e0", b"e1", b"e2"]
+    assert [m.offset for m in sent] == [0, 1, 2]

@@ -10,6 +10,7 @@ misbehaves.
 """
 
 import argparse
+import contextlib
 import shlex
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools import dashboards
+from tools.broker import KafkaBroker, S3Server
 from tools.otlp_receiver import OtlpReceiver
 from tools.processes import StepServices, demo_environment, run_script
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
@@ -68,6 +70,8 @@ class TourEntry:
     server_env: tuple[tuple[str, str], ...] = ()
     # A real Prometheus (when installed) scrapes every service from the start, for `dashboard`.
     prometheus: bool = False
+    # A real Kafka-protocol broker (tools/broker.py) for the services (KAFKA_BOOTSTRAP_SERVERS).
+    broker: bool = False
 
 
 def demo(
@@ -81,8 +85,15 @@ def demo(
     )
 
 
-def metrics(prefix: str) -> Demo:
-    return Demo(args=(prefix,), program="metrics")
+def metrics(prefix: str, service: str = "greeter", until: str = "") -> Demo:
+    """The service's /metrics lines that start with `prefix`; with `until`, once a line
+    shows that text (what happens in the background, such as an event being counted)."""
+    return Demo(args=(prefix, service, until), program="metrics")
+
+
+def broker(action: str) -> Demo:
+    """ "stop" or "start" the tour's Kafka-protocol broker (an entry with broker=True)."""
+    return Demo(args=(action,), program="broker")
 
 
 def last_trace() -> Demo:
@@ -301,6 +312,22 @@ TOUR: dict[int, TourEntry] = {
             dashboard("greeter.v1.Greeter"),
         ),
     ),
+    16: TourEntry(
+        title="Async events over Kafka",
+        adds="each greeting publishes a GreetedEvent through a bounded outbox; the Logger counts them from the topic, once each; a broker that is down costs no greeting and no event",
+        shows="logger_events_processed_total 6.0",
+        broker=True,
+        demos=(
+            demo("spread", "--name", "Ada", "--calls", "3", "--user-id", "ada"),
+            metrics("logger_events", service="logger", until="processed_total 3.0"),
+            broker("stop"),
+            demo("spread", "--name", "Ada", "--calls", "3", "--user-id", "ada", "-v"),
+            metrics("greeter_events", until="greeter_events_outbox 3.0"),
+            broker("start"),
+            metrics("logger_events", service="logger", until="processed_total 6.0"),
+            metrics("greeter_events"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -316,13 +343,20 @@ def fill(text: str, places: dict[str, str]) -> str:
     return text
 
 
-def show_metrics(address: str, prefix: str) -> subprocess.CompletedProcess:
-    """The lines of /metrics that start with `prefix` and count something."""
+def show_metrics(address: str, prefix: str, until: str = "") -> subprocess.CompletedProcess:
+    """The lines of /metrics that start with `prefix` and count something; with `until`,
+    asked again until one of them shows it (15 s at most)."""
     print(f"$ curl -s http://{address}/metrics | grep '^{prefix}' | grep -v ' 0.0$'", flush=True)
-    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    shown = [line for line in lines if line.startswith(prefix) and not line.endswith(" 0.0")]
-    return subprocess.CompletedProcess(prefix, 0 if shown else 1, "\n".join(shown) + "\n", "")
+    deadline = time.monotonic() + 15
+    while True:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+            lines = response.read().decode().splitlines()
+        shown = [line for line in lines if line.startswith(prefix) and not line.endswith(" 0.0")]
+        if not until or any(until in line for line in shown) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)  # polling: the service counts in the background
+    ok = bool(shown) and (not until or any(until in line for line in shown))
+    return subprocess.CompletedProcess(prefix, 0 if ok else 1, "\n".join(shown) + "\n", "")
 
 
 def ask_prometheus(step: Step, metrics_address: str, query: str) -> subprocess.CompletedProcess:
@@ -434,6 +468,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
     workdir = tempfile.TemporaryDirectory(prefix=f"tour-{step.label}-")
     receiver = OtlpReceiver() if entry.traces else None
     prometheus: PrometheusProcess | None = None
+    kafka: KafkaBroker | None = None
+    stack = contextlib.ExitStack()  # the broker, stopped after the services
     try:
         env = demo_environment(step.path, Path(workdir.name))  # tokens, certificates
         if receiver is not None:  # spans to the tour's receiver, in batches 0.1 s apart
@@ -441,6 +477,13 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
                 "OTEL_BSP_SCHEDULE_DELAY": "100",
             }
+        if entry.broker:
+            s3 = stack.enter_context(S3Server())
+            kafka = stack.enter_context(KafkaBroker(s3))
+            print(
+                f"$ python tools/broker.py --port {kafka.port}   # Tansu, a Kafka-protocol broker"
+            )
+            env |= {"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap, "LOGGER_EVENTS_ASSIGNMENT": "all"}
         services = StepServices(
             step.path, env | dict(entry.server_env), replicas=dict(entry.replicas)
         )
@@ -479,7 +522,12 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 print(f"$ python {again.command[1]} --port {again.address.rsplit(':', 1)[1]}")
                 result = subprocess.CompletedProcess(args, 0, f"listening on {again.address}\n", "")
             elif d.program == "metrics":
-                result = show_metrics(greeter.addresses["metrics"], args[0])
+                prefix, service, until = args
+                result = show_metrics(services[service].addresses["metrics"], prefix, until)
+            elif d.program == "broker":
+                print(f"$ # the broker {args[0]}s", flush=True)
+                getattr(kafka, args[0])()
+                result = subprocess.CompletedProcess(args, 0, "", "")
             elif d.program == "promql":
                 result = ask_prometheus(step, greeter.addresses["metrics"], args[0])
             elif d.program == "dashboard":
@@ -513,6 +561,7 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 if code != 0:
                     print(f"  ✗ {name} exited with {code}, expected 0")
                     ok = False
+        stack.close()
         workdir.cleanup()
         if receiver is not None:
             receiver.stop()
