@@ -98,6 +98,21 @@ class GreetingCounts:
         return sum(self.by_user.values())
 
 
+async def fetch_unless_stopped(consumer: AIOKafkaConsumer, stop: asyncio.Event) -> dict | None:
+    """The next batch, or None as soon as `stop` is set: a shutdown does not wait for the
+    poll. Nothing of an abandoned fetch was counted, and the next consumer reads it again."""
+    fetch = asyncio.ensure_future(consumer.getmany(timeout_ms=POLL_MILLISECONDS))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({fetch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not fetch.done():
+        fetch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fetch
+        return None
+    return fetch.result()
+
+
 async def consume(
     consumer: AIOKafkaConsumer,
     counts: GreetingCounts,
@@ -108,7 +123,8 @@ async def consume(
     between two batches, so what was counted has been committed."""
     ends = time.monotonic() + for_seconds
     while not stop.is_set() and time.monotonic() < ends:
-        batches = await consumer.getmany(timeout_ms=POLL_MILLISECONDS)
+        if (batches := await fetch_unless_stopped(consumer, stop)) is None:
+            return
         for partition, records in batches.items():
             for record in records:
                 counts.process(record.key, record.value, record.headers)
