@@ -99,6 +99,14 @@ def broker(s3):
         yield own
 
 
+@pytest.fixture
+def memory_broker():
+    """A broker of the test's own that keeps its log in memory: for a test that never stops
+    it (a fetch right after a write is prompt there, where S3 storage now and then is not)."""
+    with KafkaBroker() as own:
+        yield own
+
+
 @pytest.fixture(autouse=True, scope="session")
 def logger_process(receiver, secrets_in_the_environment, kafka):
     """`python logger_server.py --port 0`, running for the whole session: every Greeter
