@@ -8,6 +8,7 @@ dependencies first, and points the later ones at the earlier ones' addresses.
 
 import os
 import queue
+import random
 import re
 import secrets
 import signal
@@ -26,12 +27,30 @@ ADDRESS_LINE = re.compile(r"^(\w+) on (\S+)$")
 FREE_PORTS = {"GREETER_METRICS_PORT": "0", "LOGGER_METRICS_PORT": "0"}
 
 
+def ephemeral_ports() -> range:
+    """The ports the kernel hands out by itself: to bind(port 0) and to outgoing connections."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
 def free_port() -> int:
     """A loopback port nothing listens on right now, for a program that cannot be told to
-    pick one itself (Prometheus), or one a test starts later on purpose."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    pick one itself (Prometheus), or one a test starts later on purpose. Taken from below the
+    kernel's ephemeral range: a port from inside it could be handed to an outgoing
+    connection before the program binds it (seen in CI)."""
+    below = range(10000, ephemeral_ports().start)
+    for _ in range(200):
+        port = random.choice(below) if len(below) > 1000 else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken: another try
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port on 127.0.0.1")
 
 
 class ServerProcess:
