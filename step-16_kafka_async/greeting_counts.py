@@ -26,10 +26,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from events.v1 import events_pb2
+from outbox import TOPIC  # the topic the Greeter publishes to: one name, in one place
 
 log = logging.getLogger("logger.events")
 
-TOPIC = "events.greeted"
 GROUP = "logger"
 # How long the consumer waits for new events at a time, and between two tries while the
 # broker is away.
