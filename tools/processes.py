@@ -171,7 +171,8 @@ class StepServices:
     `services["greeter"].address`. `replicas` runs several of a service (step 12 on): the
     second Greeter is `services["greeter-2"]`, and the services started after it get every
     replica's address as one target (`ipv4:HOST:PORT,HOST:PORT`). `args` adds arguments per
-    service name. Stops them in reverse order (callers first) and keeps their exit codes in
+    service name, `replica_env` settings per process name (step 17: "greeter-3" is the
+    canary). Stops them in reverse order (callers first) and keeps their exit codes in
     `returncodes`."""
 
     def __init__(
@@ -180,6 +181,7 @@ class StepServices:
         env: dict[str, str] | None = None,
         args: dict[str, tuple[str, ...]] | None = None,
         replicas: dict[str, int] | None = None,
+        replica_env: dict[str, dict[str, str]] | None = None,
     ):
         self.processes: dict[str, ServerProcess] = {}
         self.returncodes: dict[str, int] = {}
@@ -197,7 +199,7 @@ class StepServices:
                         step_dir,
                         *(args or {}).get(service.name, ()),
                         script=service.script,
-                        env={**(env or {}), **wiring},
+                        env={**(env or {}), **wiring, **(replica_env or {}).get(name, {})},
                     )
                     self.processes[name] = process
                     self.wiring[name] = dict(wiring)
