@@ -4,6 +4,10 @@
     python client.py stream --name Ada [--count N]
     python client.py chat [--message TEXT ...]     (without --message: one message per stdin line)
     python client.py spread --name Ada [--calls 30]  (which replica served each call: a count each)
+    python client.py hello --api v2 --name Ada [--family-name Lovelace]   (greeter.v2)
+
+--canary sends `x-canary: always`: through Envoy (deploy/envoy.yaml), the call goes to the
+canary release.
 
 --target may name several replicas (ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT): calls go
 round robin to those whose health service says SERVING.
@@ -36,6 +40,8 @@ import grpc
 from auth import TOKEN_VARIABLE, client_auth_interceptors, unsendable_token_problem, user_id_problem
 from balancing import channel_options, served_by
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
+from greeter.v2 import greeter_pb2 as greeter_v2_pb2
+from greeter.v2 import greeter_pb2_grpc as greeter_v2_pb2_grpc
 from propagation import request_id_interceptors
 from retries import GREETER_RETRIED
 from rpc_log import ClientRpcLogger
@@ -71,15 +77,33 @@ class ClientSettings:
     )
 
 
-async def hello(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
-    reply = await stub.SayHello(greeter_pb2.HelloRequest(name=args.name), timeout=args.timeout)
+# Sent with every call when --canary is given: Envoy's route for it (deploy/envoy.yaml).
+CANARY_HEADER = ("x-canary", "always")
+
+
+def call_options(args: argparse.Namespace) -> dict:
+    """What every call of the command carries: its deadline, and the canary header if asked."""
+    return {"timeout": args.timeout, "metadata": (CANARY_HEADER,) if args.canary else ()}
+
+
+async def hello(channel: grpc.aio.Channel, args: argparse.Namespace) -> None:
+    if args.api == "v2":
+        person = greeter_v2_pb2.Person(given_name=args.name, family_name=args.family_name)
+        reply = await greeter_v2_pb2_grpc.GreeterServiceStub(channel).SayHello(
+            greeter_v2_pb2.SayHelloRequest(person=person), **call_options(args)
+        )
+    else:
+        reply = await greeter_pb2_grpc.GreeterStub(channel).SayHello(
+            greeter_pb2.HelloRequest(name=args.name), **call_options(args)
+        )
     print(reply.message)
 
 
-async def stream(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
+async def stream(channel: grpc.aio.Channel, args: argparse.Namespace) -> None:
+    stub = greeter_pb2_grpc.GreeterStub(channel)
     request = greeter_pb2.HelloRequest(name=args.name, count=args.count)
     # The deadline covers the whole stream; each reply is printed the moment it arrives.
-    async for reply in stub.StreamGreetings(request, timeout=args.timeout):
+    async for reply in stub.StreamGreetings(request, **call_options(args)):
         print(reply.message, flush=True)
 
 
@@ -105,8 +129,8 @@ async def listed(messages: list[str]) -> AsyncIterator[str]:
         yield message
 
 
-async def chat(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
-    call = stub.Chat(timeout=args.timeout)
+async def chat(channel: grpc.aio.Channel, args: argparse.Namespace) -> None:
+    call = greeter_pb2_grpc.GreeterStub(channel).Chat(**call_options(args))
     messages = listed(args.message) if args.message else stdin_lines()
     # Ping-pong: send one message, print its reply, then send the next. The client never
     # writes while the server may be ending the call, which sidesteps a grpc.aio race
@@ -130,11 +154,12 @@ async def chat(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> 
         print(reply.message, flush=True)
 
 
-async def spread(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
+async def spread(channel: grpc.aio.Channel, args: argparse.Namespace) -> None:
     """`--calls` SayHello calls, one after the other, then how many each replica served."""
+    stub = greeter_pb2_grpc.GreeterStub(channel)
     counts: collections.Counter[str] = collections.Counter()
     for _ in range(args.calls):
-        call = stub.SayHello(greeter_pb2.HelloRequest(name=args.name), timeout=args.timeout)
+        call = stub.SayHello(greeter_pb2.HelloRequest(name=args.name), **call_options(args))
         await call
         counts[served_by(await call.trailing_metadata()) or "?"] += 1
     for replica, count in sorted(counts.items()):
@@ -159,11 +184,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="log each call (method, status, duration) to stderr",
     )
+    common.add_argument(
+        "--canary",
+        action="store_true",
+        help="send x-canary: always (through Envoy: the call goes to the canary release)",
+    )
 
     parser = argparse.ArgumentParser(description="Greeter demo client")
     commands = parser.add_subparsers(dest="command", required=True)
     say_hello = commands.add_parser("hello", parents=[common], help="one SayHello call")
-    say_hello.add_argument("--name", required=True, help="who to greet")
+    say_hello.add_argument("--name", required=True, help="who to greet (v2: the given name)")
+    say_hello.add_argument(
+        "--api", choices=("v1", "v2"), default="v1", help="greeter.v1 (default) or greeter.v2"
+    )
+    say_hello.add_argument("--family-name", default="", help="v2 only: the family name")
     say_hello.set_defaults(run=hello)
     greetings = commands.add_parser("stream", parents=[common], help="one StreamGreetings call")
     greetings.add_argument("--name", required=True, help="who to greet")
@@ -185,6 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     spreading.set_defaults(run=spread)
     args = parser.parse_args(argv)
+    if getattr(args, "family_name", "") and args.api != "v2":
+        parser.error("--family-name needs --api v2: greeter.v1 has one name field")
     if args.timeout is None:
         args.timeout = DEFAULT_TIMEOUT_SECONDS[args.command]
     args.user_id = args.user_id or login_name()
@@ -215,7 +251,7 @@ async def run(args: argparse.Namespace) -> None:
         )
         try:
             async with channel:
-                await args.run(greeter_pb2_grpc.GreeterStub(channel), args)
+                await args.run(channel, args)
         finally:
             await rpc_logger.flush()  # closing the channel ended every call: write their lines
             await tracer.flush()  # ...and their spans, which the provider exports on its way out

@@ -46,6 +46,8 @@ RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 0.1}
 GREETER_RETRIED = [
     {"service": "greeter.v1.Greeter", "method": "SayHello"},
     {"service": "greeter.v1.Greeter", "method": "StreamGreetings"},
+    {"service": "greeter.v2.GreeterService", "method": "SayHello"},
+    {"service": "greeter.v2.GreeterService", "method": "StreamGreetings"},
 ]
 LOGGER_RETRIED = [{"service": "logger.v1.Logger"}]
 

@@ -15,9 +15,7 @@ async def v1_name(person: v2.Person, context: grpc.aio.ServicerContext) -> str:
     """The name v1 greets: given and family name. The rest of v1's checks (length,
     printable text) apply to it as they do to a v1 name."""
     if not person.given_name.strip():
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, "person.given_name must not be empty"
-        )
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "person.given_name must not be empty")
     return " ".join(part for part in (person.given_name, person.family_name) if part)
 
 

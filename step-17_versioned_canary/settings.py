@@ -169,10 +169,7 @@ class Settings(ServerSettings):
 
     # The previous release is this code with v2 off: README, "Two releases, one code base".
     serve_v2: bool = option(
-        True,
-        "GREETER_SERVE_V2",
-        "serve greeter.v2 beside greeter.v1: true or false",
-        parse=yes_no,
+        True, "GREETER_SERVE_V2", "serve greeter.v2 beside greeter.v1: true or false", parse=yes_no
     )
     stream_interval: float = option(
         0.5,

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from balancing import served_by
-from conftest import CERTS, STEP_DIR, Request, open_channel, rpc_error
+from conftest import CERTS, STEP_DIR, Request, open_channel, rpc_error, run_client
 from greeter.v1 import greeter_pb2_grpc
 from greeter.v2 import greeter_pb2 as v2
 from greeter.v2 import greeter_pb2_grpc as v2_grpc
@@ -77,7 +77,10 @@ class Releases:
 
 
 @pytest.fixture
-def releases():
+def releases(request):
+    """The releases and Envoy. The canary's drain delay is 0 unless the test asks for one
+    (parametrize `releases` indirectly): each second of it is a second of teardown."""
+    drain_delay = getattr(request, "param", 0)
     with contextlib.ExitStack() as stack:
         stable = [
             stack.enter_context(
@@ -90,10 +93,7 @@ def releases():
         canary = stack.enter_context(
             ServerProcess(
                 STEP_DIR,
-                env={
-                    "GREETER_REPLICA_NAME": CANARY,
-                    "GREETER_DRAIN_DELAY": str(CANARY_DRAIN_DELAY),
-                },
+                env={"GREETER_REPLICA_NAME": CANARY, "GREETER_DRAIN_DELAY": str(drain_delay)},
             )
         )
         # compose's names, as deploy/envoy.yaml spells them: greeter-3 is the canary.
@@ -216,6 +216,7 @@ async def test_v2_calls_reach_only_the_canary(envoy_channel):
     assert counts == {CANARY: 50}
 
 
+@pytest.mark.parametrize("releases", [CANARY_DRAIN_DELAY], indirect=True, ids=["draining"])
 async def test_a_canary_that_stops_serving_costs_no_v1_call(releases, envoy_channel):
     """SIGTERM to the canary, as a rollback or a rolling update does: it reports NOT_SERVING
     and keeps serving for its drain delay. Envoy's health check sees it, and the canary's
@@ -267,3 +268,20 @@ async def test_promoting_the_canary_fails_no_call(releases, envoy_channel):
         )
     assert callers.failures == []
     assert set(callers.served_since(promoted)) == {CANARY}
+
+
+def test_the_client_through_envoy(releases):
+    """What the README shows: client.py pointed at Envoy, with --canary and --api v2."""
+    target = ("--target", releases.envoy.address)
+    v2 = run_client("hello", "--api", "v2", "--name", "Ada", "--family-name", "Lovelace", *target)
+    assert (v2.returncode, v2.stdout, v2.stderr) == (0, "Hello, Ada Lovelace!\n", "")
+    canary = run_client("spread", "--name", "Ada", "--calls", "20", "--canary", *target)
+    assert canary.stdout == "canary: 20\n20 calls over 1 replicas\n", canary.stderr
+    # Straight to a replica of the previous release, bypassing Envoy: it has no v2.
+    stable = run_client(
+        "hello", "--api", "v2", "--name", "Ada", "--target", releases.stable[0].address
+    )
+    assert stable.returncode == 1
+    assert stable.stderr.startswith("error: UNIMPLEMENTED: "), stable.stderr
+    wrong = run_client("hello", "--name", "Ada", "--family-name", "Lovelace", *target)
+    assert wrong.returncode == 2 and "--family-name needs --api v2" in wrong.stderr

@@ -108,15 +108,15 @@ async def test_the_previous_release_serves_v1_only(start_server):
         reply = await greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)
         assert reply.message == "Hello, Ada!"
         error = await rpc_error(
-            v2_grpc.GreeterServiceStub(channel).SayHello(
-                v2.SayHelloRequest(person=ADA), timeout=5
-            )
+            v2_grpc.GreeterServiceStub(channel).SayHello(v2.SayHelloRequest(person=ADA), timeout=5)
         )
         assert error.code() == grpc.StatusCode.UNIMPLEMENTED
         health = health_pb2_grpc.HealthStub(channel)
         check = await health.Check(health_pb2.HealthCheckRequest(service=GREETER_SERVICE))
         assert check.status == health_pb2.HealthCheckResponse.SERVING
-        unknown = await rpc_error(health.Check(health_pb2.HealthCheckRequest(service=GREETER_V2_SERVICE)))
+        unknown = await rpc_error(
+            health.Check(health_pb2.HealthCheckRequest(service=GREETER_V2_SERVICE))
+        )
         assert unknown.code() == grpc.StatusCode.NOT_FOUND
 
 

@@ -89,7 +89,9 @@ class EnvoyProcess:
         # Each cluster's upstreams: Envoy resolves their names one by one, so a cluster may
         # list some before the others.
         self.upstream_counts = {
-            cluster["name"]: sum(len(p["lb_endpoints"]) for p in cluster["load_assignment"]["endpoints"])
+            cluster["name"]: sum(
+                len(p["lb_endpoints"]) for p in cluster["load_assignment"]["endpoints"]
+            )
             for cluster in local["static_resources"]["clusters"]
             if "load_assignment" in cluster  # not an aggregate of other clusters
         }
