@@ -6,7 +6,7 @@ once. A background task sends the outbox to the broker, oldest first, in batches
 an event out only once the broker has acknowledged it (acks=all). While the broker
 is down, events wait in the outbox and the task keeps trying; when the outbox is full, a new
 event is dropped and counted, never silently. On shutdown the outbox gets the grace period
-to drain. README, "Two paths: the audit record and the events".
+to drain. (step 16's README, "Two paths: the audit record and the events".)
 """
 
 import asyncio

@@ -66,7 +66,7 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
 
     async def greeted(self, names: list[str], method: str) -> None:
         """A greeting was made: its event goes to the outbox (no wait), its audit entry to
-        the Logger (README, "Two paths: the audit record and the events")."""
+        the Logger (step 16's README, "Two paths: the audit record and the events")."""
         self.events.publish(names, method)
         await self.greeting_log.record(names, method)
 
