@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import (
     FAST_STREAM_INTERVAL,
+    STEP_DIR,
     Request,
     logged_greetings,
     messages,
@@ -19,7 +20,9 @@ from greeter.v2 import greeter_pb2 as v2
 from greeter.v2 import greeter_pb2_grpc as v2_grpc
 from server import GREETER_SERVICE, GREETER_V2_SERVICE
 from service import MAX_NAME_LENGTH
+from settings import parse_settings
 from tests.support.helpers import eventually
+from tools.processes import run_script
 
 ADA = v2.Person(given_name="Ada", family_name="Lovelace")
 
@@ -130,3 +133,23 @@ async def test_a_v1_request_sent_to_v2_is_refused_not_misread(greeter):
     # grpc.aio answers UNKNOWN (the gRPC spec would say INTERNAL) and logs the DecodeError.
     assert error.code() == grpc.StatusCode.UNKNOWN
     assert "Error parsing message with type 'greeter.v2.SayHelloRequest'" in error.details()
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "serve_v2"),
+    [
+        ([], {}, True),
+        ([], {"GREETER_SERVE_V2": "false"}, False),
+        ([], {"GREETER_SERVE_V2": "FALSE"}, False),
+        (["--serve-v2", "true"], {"GREETER_SERVE_V2": "false"}, True),
+    ],
+    ids=["default", "environment", "any-case", "flag-wins"],
+)
+def test_serve_v2_is_a_setting(argv, environ, serve_v2):
+    assert parse_settings(argv, environ=environ).serve_v2 is serve_v2
+
+
+def test_a_server_refuses_a_serve_v2_that_is_not_true_or_false():
+    result = run_script(STEP_DIR, "server.py", env={"GREETER_SERVE_V2": "yes"})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert "error: GREETER_SERVE_V2='yes': true or false" in result.stderr

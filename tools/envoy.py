@@ -41,12 +41,17 @@ def envoy_binary() -> str:
     return str(binary)
 
 
+def endpoint_addresses(cluster: dict):
+    """The socket_address of each of a cluster's endpoints (none for an aggregate cluster)."""
+    for locality in cluster.get("load_assignment", {}).get("endpoints", []):
+        for endpoint in locality["lb_endpoints"]:
+            yield endpoint["endpoint"]["address"]["socket_address"]
+
+
 def socket_addresses(config: dict):
     """Every upstream endpoint's socket_address in the config's clusters."""
     for cluster in config["static_resources"]["clusters"]:
-        for locality in cluster.get("load_assignment", {}).get("endpoints", []):
-            for endpoint in locality["lb_endpoints"]:
-                yield endpoint["endpoint"]["address"]["socket_address"]
+        yield from endpoint_addresses(cluster)
 
 
 def local_config(config: dict, upstreams: dict[str, str], port: int, admin_port: int) -> dict:
@@ -87,10 +92,10 @@ class EnvoyProcess:
         self.admin_url = f"http://127.0.0.1:{admin_port}"
         local = local_config(config, upstreams, self.port, admin_port)
         # Each cluster's upstreams: Envoy resolves their names one by one, so a cluster may
-        # list some before the others.
+        # list some before the others (and one address given twice is one upstream).
         self.upstream_counts = {
-            cluster["name"]: sum(
-                len(p["lb_endpoints"]) for p in cluster["load_assignment"]["endpoints"]
+            cluster["name"]: len(
+                {(a["address"], a["port_value"]) for a in endpoint_addresses(cluster)}
             )
             for cluster in local["static_resources"]["clusters"]
             if "load_assignment" in cluster  # not an aggregate of other clusters
