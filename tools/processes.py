@@ -132,9 +132,10 @@ class ServerProcess:
         again.earlier_output = f"{self.output}(exit code {self.returncode}; started again)\n"
         return again
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Send `sig`, wait for the exit and return the exit code (killing it after timeout)."""
-        if self.process.poll() is None:
+    def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send `sig` (None: it was sent already), wait for the exit and return the exit code
+        (killing it after timeout)."""
+        if sig is not None and self.process.poll() is None:
             self.process.send_signal(sig)
         try:
             self.returncode = self.process.wait(timeout)
@@ -232,7 +233,9 @@ class StepServices:
                 if process.process.poll() is None:
                     process.process.send_signal(signal.SIGTERM)
             for name, process in group.items():
-                self.returncodes[name] = process.stop()
+                # Not a second SIGTERM: one that arrives after the server has removed its
+                # signal handlers, in its last moments, would kill it (exit code -15).
+                self.returncodes[name] = process.stop(sig=None)
         return self.returncodes
 
     def __enter__(self) -> "StepServices":

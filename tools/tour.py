@@ -37,7 +37,7 @@ METRICS_PORTS = {"greeter": 9464, "logger": 9465}
 @dataclass(frozen=True)
 class Demo:
     # The program's arguments; "{target}" becomes the Greeter's address, "{logger}" the
-    # Logger's (steps 10 on), "{certs}" the directory of the certificates made for the tour
+    # Logger's (steps 10 on), "{replica:NAME}" one replica's (greeter-2), "{envoy}" Envoy's, "{certs}" the directory of the certificates made for the tour
     # (steps 06 on), and "$LOGGER_AUTH_TOKEN" that token (shown as written, run with it).
     args: tuple[str, ...]
     fails: bool = False  # a demo of an error: it must exit non-zero
@@ -345,7 +345,7 @@ TOUR: dict[int, TourEntry] = {
         broker=True,
         replicas=(("greeter", 3),),
         # Envoy's health checks and 100 calls would fill the logs below: failures only.
-        server_env=(("GREETER_LOG_LEVEL", "WARNING"),),
+        server_env=(("GREETER_LOG_LEVEL", "WARNING"), ("LOGGER_LOG_LEVEL", "WARNING")),
         # As docker-compose.yml runs them: two replicas of the previous release, one canary.
         replica_env=(
             ("greeter", (("GREETER_SERVE_V2", "false"), ("GREETER_REPLICA_NAME", "stable-1"))),
@@ -379,7 +379,17 @@ TOUR: dict[int, TourEntry] = {
                 target="{envoy}",
             ),
             # Straight to a replica of the previous release: it does not serve v2.
-            demo("hello", "--api", "v2", "--name", "Ada", "--user-id", "ada", fails=True),
+            demo(
+                "hello",
+                "--api",
+                "v2",
+                "--name",
+                "Ada",
+                "--user-id",
+                "ada",
+                fails=True,
+                target="{replica:greeter}",
+            ),
         ),
     ),
 }
@@ -577,6 +587,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
         }
         if "logger" in services.targets:
             places["{logger}"] = services.targets["logger"]
+        for name, process in services.processes.items():  # one replica: "{replica:greeter-2}"
+            places[f"{{replica:{name}}}"] = process.address
         if entry.envoy:
             envoy = start_envoy(step, services, Path(workdir.name) / "certs")
             places["{envoy}"] = envoy.address
