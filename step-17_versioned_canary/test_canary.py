@@ -190,6 +190,7 @@ async def test_v1_calls_split_90_10_between_stable_and_canary(envoy_channel):
     counts = await count_served(greeter_pb2_grpc.GreeterStub(envoy_channel), 1000)
     assert sum(counts.values()) == 1000
     low, high = binomial_bounds(1000, 0.10)
+    print(f"split of 1000: {dict(sorted(counts.items()))}")  # shown with pytest -s
     assert low <= on_canary(counts) <= high, counts
     # Round robin inside the stable release: both replicas share its 90%.
     stable = [counts[name] for name in STABLE]
@@ -224,6 +225,8 @@ async def test_a_canary_that_stops_serving_costs_no_v1_call(releases, envoy_chan
     nothing but another x-served-by. v2 callers, once the canary has gone, get UNAVAILABLE:
     no other release serves v2. (README, "When the canary is not serving".)"""
     stub = greeter_pb2_grpc.GreeterStub(envoy_channel)
+    v2_stub = v2_grpc.GreeterServiceStub(envoy_channel)
+    request = v2.SayHelloRequest(person=v2.Person(given_name="Ada"))
     canary_address = releases.canary.address
     async with SteadyCallers(stub) as callers:
         releases.canary.process.send_signal(signal.SIGTERM)
@@ -233,6 +236,9 @@ async def test_a_canary_that_stops_serving_costs_no_v1_call(releases, envoy_chan
             message="Envoy to see the canary NOT_SERVING",
         )
         noticed = time.monotonic()
+        # Envoy has no other replica for v2: the draining canary still serves it.
+        v2_reply = await v2_stub.SayHello(request, timeout=10)
+        assert v2_reply.message == "Hello, Ada!"
         assert releases.canary.process.poll() is None, "noticed while the canary still serves"
         assert on_canary(await count_served(stub, 200)) == 0
         header = await count_served(stub, 20, metadata=(("x-canary", "always"),))
@@ -241,14 +247,18 @@ async def test_a_canary_that_stops_serving_costs_no_v1_call(releases, envoy_chan
         assert releases.canary.process.returncode == 0
         after_exit = await count_served(stub, 200)
         assert on_canary(after_exit) == 0 and sum(after_exit.values()) == 200
+    print(
+        f"canary stopped: {len(callers.results)} steady calls, "
+        f"{callers.served_since(noticed).total()} after Envoy noticed, "
+        f"{len(callers.failures)} failed"
+    )
     assert callers.failures == []
     assert on_canary(callers.served_since(noticed)) == 0
     assert on_canary(collections.Counter(who for _, who in callers.results)) > 0, "before"
 
-    v2_stub = v2_grpc.GreeterServiceStub(envoy_channel)
-    request = v2.SayHelloRequest(person=v2.Person(given_name="Ada"))
     error = await rpc_error(v2_stub.SayHello(request, timeout=10))
-    assert error.code() == grpc.StatusCode.UNAVAILABLE
+    assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+    print(f"v2 after the canary exited: UNAVAILABLE: {error.details()}")
 
 
 async def test_promoting_the_canary_fails_no_call(releases, envoy_channel):
@@ -266,6 +276,10 @@ async def test_promoting_the_canary_fails_no_call(releases, envoy_channel):
         await eventually(
             lambda: callers.served_since(promoted).total() >= 20, timeout=10, message="more calls"
         )
+    print(
+        f"promotion: 50/50 gave the canary {on_canary(half)} of 400; "
+        f"{len(callers.results)} steady calls, {len(callers.failures)} failed"
+    )
     assert callers.failures == []
     assert set(callers.served_since(promoted)) == {CANARY}
 
