@@ -6,8 +6,8 @@ the broker did not acknowledge in time, and a consumer that stopped between proc
 committing reads again from its last commit. The consumer remembers the ids of the events it
 processed (bounded, the oldest forgotten first) and skips a repeat. Offsets are committed
 after processing, never before: a crash repeats work, it never loses any. Each event's span
-continues the greeting's trace from the message headers. README, "Two paths: the audit
-record and the events".
+continues the greeting's trace from the message headers.
+(README, "Two paths: the audit record and the events".)
 """
 
 import asyncio

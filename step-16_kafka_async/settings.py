@@ -194,7 +194,7 @@ class Settings(ServerSettings):
         "seconds the open breaker skips the Logger before one trial call",
         parse=positive_seconds,
     )
-    # Where the GreetedEvents go (events.py); the variable is the one Kafka tools read.
+    # Where the GreetedEvents go (outbox.py); the variable is the one Kafka tools read.
     kafka_bootstrap_servers: str = option(
         "127.0.0.1:9092",
         "KAFKA_BOOTSTRAP_SERVERS",

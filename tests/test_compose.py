@@ -94,6 +94,30 @@ def test_compose_runs_kafka_and_points_every_service_at_it():
         assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092", name
 
 
+def test_compose_runs_envoy_with_the_steps_config_in_front_of_both_releases():
+    """Step 17 on: Envoy runs the step's deploy/envoy.yaml (the file its tests run), whose
+    upstreams are compose's Greeter services: greeter and greeter-2 the previous release
+    (v2 off), greeter-3 the canary; and the admin interface is not published beyond
+    loopback."""
+    newest = all_steps()[-1]
+    services = compose_config(newest.name)["services"]
+    envoy = services["envoy"]
+    mounts = {v["target"]: Path(v["source"]) for v in envoy["volumes"]}
+    config_path = Path(envoy["working_dir"]) / envoy["command"][envoy["command"].index("-c") + 1]
+    mount = next(t for t in mounts if config_path.is_relative_to(t))
+    config_file = mounts[mount] / config_path.relative_to(mount)
+    assert config_file == newest.path / "deploy" / "envoy.yaml"
+    upstreams = set(re.findall(r"address: (greeter[\w-]*),", config_file.read_text()))
+    assert upstreams == {"greeter", "greeter-2", "greeter-3"}
+    assert [services[n]["environment"].get("GREETER_SERVE_V2") for n in sorted(upstreams)] == [
+        "false",
+        "false",
+        None,  # the default: v2 on
+    ]
+    admin = [p for p in envoy["ports"] if p["target"] == 9901]
+    assert [p["host_ip"] for p in admin] == ["127.0.0.1"]
+
+
 def test_grafana_is_provisioned_from_the_mounted_step():
     """Grafana's provisioning path and the dashboards' path inside the container are the
     step's deploy/grafana/ folders, through the one mount of its deploy/ folder."""

@@ -3,15 +3,18 @@ failing or (in CI) skipped test, the tour on a failing demo; and a server the to
 comes back at its address; the Kafka-protocol broker keeps its log across a restart. Each runs
 on a small scratch repository or its own processes, never on this one."""
 
+import copy
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tools.broker import KafkaBroker, S3Server
+from tools.envoy import local_config, socket_addresses
 from tools.processes import ServerProcess
 from tools.steps import ROOT
 
@@ -229,3 +232,38 @@ async def test_the_broker_keeps_its_events_and_offsets_across_a_restart():
             await consumer.stop()
     assert [r.value for r in records[partition]] == [b"e0", b"e1", b"e2"]
     assert [m.offset for m in sent] == [0, 1, 2]
+
+
+def test_envoy_runs_the_steps_config_with_only_ports_and_upstreams_changed():
+    """tools/envoy.py: the routes, clusters, health checks and TLS of deploy/envoy.yaml stay
+    as compose runs them; listener and admin move to loopback ports, compose's names become
+    the addresses given, and a name left without one is an error, not a silent gap."""
+    source = yaml.safe_load(
+        (ROOT / "step-17_versioned_canary" / "deploy" / "envoy.yaml").read_text()
+    )
+    upstreams = {
+        "greeter": "127.0.0.1:1001",
+        "greeter-2": "127.0.0.1:1002",
+        "greeter-3": "[::1]:1003",
+    }
+    local = local_config(copy.deepcopy(source), upstreams, port=2000, admin_port=2001)
+    listener = local["static_resources"]["listeners"][0]["address"]["socket_address"]
+    assert listener == {"address": "127.0.0.1", "port_value": 2000}
+    assert local["admin"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 2001,
+    }
+    addresses = sorted({(a["address"], a["port_value"]) for a in socket_addresses(local)})
+    assert addresses == [("127.0.0.1", 1001), ("127.0.0.1", 1002), ("::1", 1003)]
+    for kept in ("listeners", "clusters"):
+        assert [x["name"] for x in local["static_resources"][kept]] == [
+            x["name"] for x in source["static_resources"][kept]
+        ]
+    assert (
+        local["static_resources"]["listeners"][0]["filter_chains"]
+        == source["static_resources"]["listeners"][0]["filter_chains"]
+    )
+    with pytest.raises(ValueError, match="no address given for upstream 'greeter-3'"):
+        local_config(
+            copy.deepcopy(source), {"greeter": "127.0.0.1:1", "greeter-2": "127.0.0.1:2"}, 1, 2
+        )

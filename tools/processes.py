@@ -132,9 +132,10 @@ class ServerProcess:
         again.earlier_output = f"{self.output}(exit code {self.returncode}; started again)\n"
         return again
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Send `sig`, wait for the exit and return the exit code (killing it after timeout)."""
-        if self.process.poll() is None:
+    def stop(self, sig: int | None = signal.SIGTERM, timeout: float = 20.0) -> int:
+        """Send `sig` (None: it was sent already), wait for the exit and return the exit code
+        (killing it after timeout)."""
+        if sig is not None and self.process.poll() is None:
             self.process.send_signal(sig)
         try:
             self.returncode = self.process.wait(timeout)
@@ -171,7 +172,8 @@ class StepServices:
     `services["greeter"].address`. `replicas` runs several of a service (step 12 on): the
     second Greeter is `services["greeter-2"]`, and the services started after it get every
     replica's address as one target (`ipv4:HOST:PORT,HOST:PORT`). `args` adds arguments per
-    service name. Stops them in reverse order (callers first) and keeps their exit codes in
+    service name, `replica_env` settings per process name (step 17: "greeter-3" is the
+    canary). Stops them in reverse order (callers first) and keeps their exit codes in
     `returncodes`."""
 
     def __init__(
@@ -180,6 +182,7 @@ class StepServices:
         env: dict[str, str] | None = None,
         args: dict[str, tuple[str, ...]] | None = None,
         replicas: dict[str, int] | None = None,
+        replica_env: dict[str, dict[str, str]] | None = None,
     ):
         self.processes: dict[str, ServerProcess] = {}
         self.returncodes: dict[str, int] = {}
@@ -197,7 +200,7 @@ class StepServices:
                         step_dir,
                         *(args or {}).get(service.name, ()),
                         script=service.script,
-                        env={**(env or {}), **wiring},
+                        env={**(env or {}), **wiring, **(replica_env or {}).get(name, {})},
                     )
                     self.processes[name] = process
                     self.wiring[name] = dict(wiring)
@@ -230,7 +233,9 @@ class StepServices:
                 if process.process.poll() is None:
                     process.process.send_signal(signal.SIGTERM)
             for name, process in group.items():
-                self.returncodes[name] = process.stop()
+                # Not a second SIGTERM: one that arrives after the server has removed its
+                # signal handlers, in its last moments, would kill it (exit code -15).
+                self.returncodes[name] = process.stop(sig=None)
         return self.returncodes
 
     def __enter__(self) -> "StepServices":

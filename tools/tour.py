@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools import dashboards
 from tools.broker import KafkaBroker, S3Server
+from tools.envoy import EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
 from tools.processes import StepServices, demo_environment, run_script
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
@@ -36,7 +37,7 @@ METRICS_PORTS = {"greeter": 9464, "logger": 9465}
 @dataclass(frozen=True)
 class Demo:
     # The program's arguments; "{target}" becomes the Greeter's address, "{logger}" the
-    # Logger's (steps 10 on), "{certs}" the directory of the certificates made for the tour
+    # Logger's (steps 10 on), "{replica:NAME}" one replica's (greeter-2), "{envoy}" Envoy's, "{certs}" the directory of the certificates made for the tour
     # (steps 06 on), and "$LOGGER_AUTH_TOKEN" that token (shown as written, run with it).
     args: tuple[str, ...]
     fails: bool = False  # a demo of an error: it must exit non-zero
@@ -66,6 +67,11 @@ class TourEntry:
     # Several replicas of a service (step 12 on), e.g. (("greeter", 3),): "{target}" then
     # names them all (ipv4:HOST:PORT,HOST:PORT,...).
     replicas: tuple[tuple[str, int], ...] = ()
+    # Settings of one replica only, e.g. (("greeter-3", (("GREETER_SERVE_V2", "true"),)),).
+    replica_env: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+    # A real Envoy (tools/envoy.py) with the step's deploy/envoy.yaml in front of the
+    # Greeters (step 17): "{envoy}" is its address.
+    envoy: bool = False
     # Settings of the step's servers for the tour, e.g. (("GREETER_LOGGER_BREAKER_RESET", "1"),).
     server_env: tuple[tuple[str, str], ...] = ()
     # A real Prometheus (when installed) scrapes every service from the start, for `dashboard`.
@@ -75,10 +81,14 @@ class TourEntry:
 
 
 def demo(
-    *args: str, fails: bool = False, env: dict[str, str] | None = None, until_logged: str = ""
+    *args: str,
+    fails: bool = False,
+    env: dict[str, str] | None = None,
+    until_logged: str = "",
+    target: str = "{target}",
 ) -> Demo:
     return Demo(
-        args=(*args, "--target", "{target}"),
+        args=(*args, "--target", target),
         fails=fails,
         env=tuple((env or {}).items()),
         until_logged=until_logged,
@@ -328,6 +338,60 @@ TOUR: dict[int, TourEntry] = {
             metrics("greeter_events"),
         ),
     ),
+    17: TourEntry(
+        title="Versioned API and a canary through Envoy",
+        adds="greeter.v2 beside an unchanged v1 (buf lint and buf breaking check it); Envoy sends 10% of v1 calls and every v2 call to the canary release, x-canary: always sends a caller there",
+        shows="Hello, Ada Lovelace!",
+        broker=True,
+        replicas=(("greeter", 3),),
+        # Envoy's health checks and 100 calls would fill the logs below: failures only.
+        server_env=(("GREETER_LOG_LEVEL", "WARNING"), ("LOGGER_LOG_LEVEL", "WARNING")),
+        # As docker-compose.yml runs them: two replicas of the previous release, one canary.
+        replica_env=(
+            ("greeter", (("GREETER_SERVE_V2", "false"), ("GREETER_REPLICA_NAME", "stable-1"))),
+            ("greeter-2", (("GREETER_SERVE_V2", "false"), ("GREETER_REPLICA_NAME", "stable-2"))),
+            ("greeter-3", (("GREETER_REPLICA_NAME", "canary"),)),
+        ),
+        envoy=True,
+        demos=(
+            demo("spread", "--name", "Ada", "--calls", "100", "--user-id", "ada", target="{envoy}"),
+            demo(
+                "hello",
+                "--api",
+                "v2",
+                "--name",
+                "Ada",
+                "--family-name",
+                "Lovelace",
+                "--user-id",
+                "ada",
+                target="{envoy}",
+            ),
+            demo(
+                "spread",
+                "--name",
+                "Ada",
+                "--calls",
+                "1",
+                "--canary",
+                "--user-id",
+                "ada",
+                target="{envoy}",
+            ),
+            # Straight to a replica of the previous release: it does not serve v2.
+            demo(
+                "hello",
+                "--api",
+                "v2",
+                "--name",
+                "Ada",
+                "--user-id",
+                "ada",
+                fails=True,
+                target="{replica:greeter}",
+            ),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -442,6 +506,19 @@ def show_dashboard(
     return subprocess.CompletedProcess(service, 0, dashboards.table(answers) + "\n", "")
 
 
+def start_envoy(step: Step, services: StepServices, certs: Path) -> EnvoyProcess:
+    """Envoy with the step's deploy/envoy.yaml, its upstreams compose's names for the
+    tour's Greeters (greeter, greeter-2, greeter-3)."""
+    upstreams = {
+        name: p.address for name, p in services.processes.items() if name.startswith("greeter")
+    }
+    pairs = " ".join(f"{name}={address}" for name, address in upstreams.items())
+    print(f"$ python ../tools/envoy.py {pairs} --port 0   # deploy/envoy.yaml", flush=True)
+    envoy = EnvoyProcess(step.path, certs, upstreams)
+    print(indent(f"envoy on {envoy.address}, admin on {envoy.admin_url}"), end="", flush=True)
+    return envoy
+
+
 def run_until_logged(step: Step, args: list[str], env: dict, greeter, d: Demo):
     """The client demo, again every 0.2 s while it succeeds, until the Greeter's log shows
     `d.until_logged`; the runs, and the line that ended them."""
@@ -469,6 +546,7 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
     receiver = OtlpReceiver() if entry.traces else None
     prometheus: PrometheusProcess | None = None
     kafka: KafkaBroker | None = None
+    envoy: EnvoyProcess | None = None
     stack = contextlib.ExitStack()  # the broker, stopped after the services
     try:
         env = demo_environment(step.path, Path(workdir.name))  # tokens, certificates
@@ -485,10 +563,18 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             )
             env |= {"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap, "LOGGER_EVENTS_ASSIGNMENT": "all"}
         services = StepServices(
-            step.path, env | dict(entry.server_env), replicas=dict(entry.replicas)
+            step.path,
+            env | dict(entry.server_env),
+            replicas=dict(entry.replicas),
+            replica_env={name: dict(settings) for name, settings in entry.replica_env},
         )
         for name, server in services.processes.items():
-            wiring = "".join(f"{k}={v} " for k, v in services.wiring[name].items())
+            wiring = "".join(
+                f"{k}={v} "
+                for k, v in (
+                    services.wiring[name] | dict(dict(entry.replica_env).get(name, ()))
+                ).items()
+            )
             print(f"$ {wiring}python {server.command[1]} --port 0")
             for line, address in server.addresses.items():
                 print(f"    {line} on {address}", flush=True)
@@ -501,6 +587,11 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
         }
         if "logger" in services.targets:
             places["{logger}"] = services.targets["logger"]
+        for name, process in services.processes.items():  # one replica: "{replica:greeter-2}"
+            places[f"{{replica:{name}}}"] = process.address
+        if entry.envoy:
+            envoy = start_envoy(step, services, Path(workdir.name) / "certs")
+            places["{envoy}"] = envoy.address
         for d in entry.demos:
             args = [fill(a, places) for a in d.args]
             if d.program == "grpcurl":
@@ -554,6 +645,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
     finally:
         if prometheus is not None:
             prometheus.stop()
+        if envoy is not None:  # callers first
+            envoy.stop()
         if services is not None:
             for name, code in services.stop().items():
                 print(f"  {name} log:")

@@ -1,0 +1,181 @@
+"""One log line per RPC, on the server and on the client: method, peer (or target), status
+code, request id and duration. The server's line is written when the RPC ends: for a stream, when the
+last reply is sent, the client cancels it, or the handler fails.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+
+import grpc
+
+from caller import calling_service, current_user_id
+from interceptors import Behaviour, current_trace_id, for_every_rpc_kind, status_of, wrap_handler
+from propagation import REQUEST_ID_KEY, current_request_id
+
+server_log = logging.getLogger("greeter.rpc")
+client_log = logging.getLogger("greeter.client")
+
+# Codes that mean "the server failed", as opposed to "the caller asked for something wrong":
+# those are logged as warnings, so they stand out.
+SERVER_FAULTS = {
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def log_rpc(
+    log: logging.Logger,
+    method: str,
+    peer: str,
+    code: grpc.StatusCode,
+    started: float,
+    error: BaseException | None = None,
+    user: str | None = None,
+    client: str | None = None,
+    request_id: str | None = None,
+) -> None:
+    """Write the RPC's line. On the server, `client` is the calling service named by its
+    certificate and `user` the authenticated user ("-" when there is none); the client's
+    own lines leave both out. `request_id`: the call's x-request-id, the same in the line of
+    every service the request went through."""
+    duration_ms = (time.monotonic() - started) * 1000
+    # A handler bug: keep its traceback in the server's log (the client never sees it).
+    traceback_of = error if error is not None and code == grpc.StatusCode.UNKNOWN else None
+    trace_id = current_trace_id()  # from a log line to its trace, in one search
+    log.log(
+        logging.WARNING if code in SERVER_FAULTS else logging.INFO,
+        "%s code=%s peer=%s%s%s%s duration=%.1fms%s",
+        method,
+        code.name,
+        peer,
+        "" if client is None else f" client={client}",
+        "" if user is None else f" user={user}",
+        "" if request_id is None else f" request_id={request_id}",
+        duration_ms,
+        "" if trace_id is None else f" trace_id={trace_id}",
+        # Structured fields for log processors (and for the tests).
+        extra={
+            "rpc_method": method,
+            "rpc_peer": peer,
+            "rpc_client": client,
+            "rpc_user": user,
+            "rpc_request_id": request_id,
+            "rpc_code": code.name,
+            "rpc_duration_ms": duration_ms,
+            "rpc_trace_id": trace_id,
+        },
+        exc_info=traceback_of,
+    )
+
+
+class ServerRpcLogger(grpc.aio.ServerInterceptor):
+    """One log line per RPC, written when the RPC ends: for a stream, when the last reply is
+    sent, the client cancels it, or the handler fails. `shutting_down` is set when the server
+    begins to stop: a call cancelled after that was cut by the server, and its client was
+    told UNAVAILABLE, so the line says so."""
+
+    def __init__(
+        self, shutting_down: asyncio.Event | None = None, log: logging.Logger = server_log
+    ):
+        self._shutting_down = shutting_down or asyncio.Event()
+        self._log = log  # the service's: greeter.rpc, logger.rpc
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # unknown method: gRPC answers UNIMPLEMENTED
+        method = handler_call_details.method
+        return wrap_handler(
+            handler,
+            lambda behaviour, streaming: logged(
+                method, behaviour, streaming, self._shutting_down, self._log
+            ),
+        )
+
+
+def logged(
+    method: str,
+    behaviour: Behaviour,
+    response_streaming: bool,
+    shutting_down: asyncio.Event,
+    log: logging.Logger,
+) -> Behaviour:
+    """`behaviour`, logging its RPC when it ends, whatever kind it is. The peer and its
+    certificate are read up front: once a call has ended, grpc.aio forgets them."""
+
+    @contextlib.contextmanager
+    def line_when_done(context) -> Iterator[None]:
+        started, peer, service = time.monotonic(), context.peer(), calling_service(context)
+        error = None
+        try:
+            yield
+        except BaseException as err:  # CancelledError and GeneratorExit too: the call ended
+            error = err
+            raise
+        finally:
+            code = status_of(context, error, shutting_down)
+            log_rpc(
+                log,
+                method,
+                peer,
+                code,
+                started,
+                error,
+                user=current_user_id() or "-",
+                client=service or "-",
+                request_id=current_request_id(),
+            )
+
+    async def unary(request, context):
+        with line_when_done(context):
+            return await behaviour(request, context)
+
+    async def stream(request_or_iterator, context):
+        with line_when_done(context):
+            async for reply in behaviour(request_or_iterator, context):
+                yield reply
+
+    return stream if response_streaming else unary
+
+
+class ClientRpcLogger:
+    """One log line per outbound call, written when the call ends.
+
+    grpc.aio picks client interceptors by RPC kind: an object is used only for the kinds whose
+    interceptor class it subclasses, and one class subclassing all four is used for unary-unary
+    calls only. So `interceptors()` gives one instance per kind (`for_every_rpc_kind`), all
+    sharing this logger.
+    The line is written by a small task that waits for the call's status; `flush()` waits
+    for those, so a short-lived program loses no line at exit.
+    """
+
+    def __init__(self, target: str):
+        self.target = target
+        self._pending: set[asyncio.Task] = set()
+
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        return for_every_rpc_kind(self.intercept)
+
+    async def intercept(self, continuation, call_details, request):
+        started = time.monotonic()
+        call = await continuation(call_details, request)
+        method = call_details.method
+        method = method.decode() if isinstance(method, bytes) else method
+        task = asyncio.create_task(self._log_when_done(call, method, started))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return call
+
+    async def _log_when_done(self, call, method: str, started: float) -> None:
+        code = await call.code()
+        # The server's request id for the call (propagation.py), to find its lines.
+        request_id = dict(await call.trailing_metadata() or ()).get(REQUEST_ID_KEY)
+        log_rpc(client_log, method, self.target, code, started, request_id=request_id)
+
+    async def flush(self) -> None:
+        await asyncio.gather(*self._pending, return_exceptions=True)

@@ -1,0 +1,127 @@
+"""The Greeter service: what each RPC does and which input it accepts. Each greeting is
+reported to the Logger (logger_client.py): SayHello's before its reply, a stream's and a
+chat's once, when they end, with every name they greeted."""
+
+import asyncio
+import logging
+
+import grpc
+
+from greeter.v1 import greeter_pb2, greeter_pb2_grpc
+from logger_client import GreetingLog
+from outbox import EventPublisher
+
+# A name, not a document: long enough for any real name, short enough that nobody can
+# make the server build, log or send back megabytes.
+MAX_NAME_LENGTH = 100
+# A stream is bounded too: a client cannot ask for an endless one.
+DEFAULT_STREAM_COUNT = 5
+MAX_STREAM_COUNT = 10
+# A chat is bounded as well: a client that needs more starts a new one.
+MAX_CHAT_MESSAGES = 100
+
+log = logging.getLogger("greeter.service")
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot be greeted, in words a caller understands; None when it is fine."""
+    if not name.strip():
+        return "name must not be empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"name must be at most {MAX_NAME_LENGTH} characters (got {len(name)})"
+    if not name.isprintable():
+        # Newlines and other control characters would let a caller forge lines in our logs.
+        return "name must be printable text (no control characters such as newlines)"
+    return None
+
+
+async def require_valid_name(name: str, context: grpc.aio.ServicerContext) -> None:
+    """End the RPC with INVALID_ARGUMENT unless `name` is acceptable."""
+    problem = name_problem(name)
+    if problem is not None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+
+async def require_valid_count(count: int, context: grpc.aio.ServicerContext) -> int:
+    """The number of replies asked for (0 means the default); INVALID_ARGUMENT when out of range."""
+    count = count or DEFAULT_STREAM_COUNT
+    if not 1 <= count <= MAX_STREAM_COUNT:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"count must be between 1 and {MAX_STREAM_COUNT} (got {count}); "
+            f"0 or unset means {DEFAULT_STREAM_COUNT}",
+        )
+    return count
+
+
+class Greeter(greeter_pb2_grpc.GreeterServicer):
+    def __init__(
+        self, greeting_log: GreetingLog, events: EventPublisher, stream_interval: float = 0.5
+    ):
+        self.greeting_log, self.events = greeting_log, events
+        self.stream_interval = stream_interval  # seconds between two streamed replies
+        # Set when the server begins to shut down: a stream cancelled from then on was cut by
+        # the server (its grace period ran out), not by the client.
+        self.shutting_down = asyncio.Event()
+
+    async def greeted(self, names: list[str], method: str) -> None:
+        """A greeting was made: its event goes to the outbox (no wait), its audit entry to
+        the Logger (step 16's README, "Two paths: the audit record and the events")."""
+        self.events.publish(names, method)
+        await self.greeting_log.record(names, method)
+
+    async def SayHello(self, request, context):
+        await require_valid_name(request.name, context)
+        await self.greeted([request.name], "SayHello")
+        return greeter_pb2.HelloReply(message=f"Hello, {request.name}!")
+
+    async def StreamGreetings(self, request, context):
+        await require_valid_name(request.name, context)
+        count = await require_valid_count(request.count, context)
+        sent, greeted = 0, False
+        try:
+            for number in range(1, count + 1):
+                if number > 1:
+                    await asyncio.sleep(self.stream_interval)
+                # Greeted once the first reply is handed to gRPC: a client may cancel before
+                # this handler runs again, and the greeting was still made.
+                greeted = True
+                yield greeter_pb2.HelloReply(message=f"Hello, {request.name}! ({number}/{count})")
+                sent = number
+        except asyncio.CancelledError:
+            # grpc.aio cancels this task the moment the client cancels or disconnects (or the
+            # server's grace period runs out), so the loop stops at once: no reply is
+            # produced for a client that is gone.
+            by = (
+                "cut by the server's shutdown"
+                if self.shutting_down.is_set()
+                else "cancelled by the client"
+            )
+            log.info("StreamGreetings %s after %d of %d replies", by, sent, count)
+            raise
+        finally:
+            if greeted:  # however the stream ended
+                await self.greeted([request.name], "StreamGreetings")
+
+    async def Chat(self, request_iterator, context):
+        # One reply per message, the moment it arrives: the loop never waits for the
+        # client to finish sending. It ends when the client half-closes.
+        received, greeted = 0, []
+        try:
+            async for request in request_iterator:
+                received += 1
+                if received > MAX_CHAT_MESSAGES:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"a chat holds at most {MAX_CHAT_MESSAGES} messages; start a new chat",
+                    )
+                await require_valid_name(request.name, context)
+                greeted.append(request.name)  # before the yield, as in StreamGreetings
+                yield greeter_pb2.HelloReply(message=f"Hello, {request.name}!")
+        finally:
+            # However the chat ends: half-close, error, cancellation, or a client whose
+            # connection dropped (grpc.aio ends the request iterator then, as on a half-close,
+            # so the handler returns at once and nothing of the chat stays behind).
+            log.info("Chat ended after %d messages", received)
+            if greeted:
+                await self.greeted(greeted, "Chat")

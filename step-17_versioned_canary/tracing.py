@@ -1,0 +1,241 @@
+"""OpenTelemetry tracing: a span for every RPC on both sides, one trace from the client
+through the server, exported over OTLP/gRPC.
+
+The spans follow the OpenTelemetry RPC conventions (`rpc.system`, `rpc.service`,
+`rpc.method`, `rpc.grpc.status_code`). They are made here rather than by
+opentelemetry-instrumentation-grpc's aio interceptors, which record OK for a handler
+exception, a deadline or a cancel, add every abort twice as an exception event, and, on
+the client, never export the span of a cancelled call (see the README).
+
+Configuration is OpenTelemetry's own: OTEL_EXPORTER_OTLP_ENDPOINT (no endpoint: no export),
+OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, read by the SDK.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+from opentelemetry import propagate, trace
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from interceptors import Behaviour, for_every_rpc_kind, status_of, wrap_handler
+from propagation import current_request_id
+
+log = logging.getLogger("tracing")  # in the Greeter, the Logger and the client alike
+
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+EXPORT_TIMEOUT_SECONDS = 2.0  # per batch, retries included (OTEL_EXPORTER_OTLP_TIMEOUT wins)
+
+# The exporter logs every failed batch, twice, with the whole gRPC error: ReportingExporter
+# says it once per outage instead.
+logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(logging.CRITICAL)
+
+# The codes that make a span an error: on the server, those that mean the server failed
+# (OpenTelemetry's RPC conventions); on the client, every code but OK.
+SERVER_ERROR_CODES = {
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DATA_LOSS,
+}
+
+
+@contextlib.asynccontextmanager
+async def tracer_provider(default_service_name: str) -> AsyncIterator[TracerProvider]:
+    """A tracer provider for the block, exporting in batches over OTLP/gRPC when an endpoint
+    is configured; on the way out, what is still buffered is exported. The exporter blocks,
+    so flushing runs off the event loop."""
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME") or default_service_name}
+    )
+    provider = TracerProvider(resource=resource)  # the sampler: OTEL_TRACES_SAMPLER*
+    if endpoint := next((os.environ[n] for n in ENDPOINT_VARIABLES if os.environ.get(n)), None):
+        # The collector is a dependency that may be down: an export gives up after a few
+        # seconds (not the exporter's default 10 s, which a CLI would wait at every exit),
+        # and an outage is reported once, not at every batch.
+        timeout = None if os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT") else EXPORT_TIMEOUT_SECONDS
+        exporter = ReportingExporter(OTLPSpanExporter(timeout=timeout), endpoint)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    else:
+        log.info("traces are not exported: set OTEL_EXPORTER_OTLP_ENDPOINT to export them")
+    try:
+        yield provider
+    finally:
+        await asyncio.to_thread(provider.shutdown)
+
+
+class ReportingExporter(SpanExporter):
+    """The OTLP exporter, saying once when the collector stops taking spans and once when it
+    takes them again. Spans of batches that could not be sent are dropped (and counted in
+    the warning): tracing never holds up or fails a call."""
+
+    def __init__(self, exporter: SpanExporter, endpoint: str):
+        self._exporter, self._endpoint = exporter, endpoint
+        self._dropped = 0  # since the collector went away; 0 while it takes spans
+
+    def export(self, spans) -> SpanExportResult:
+        result = self._exporter.export(spans)
+        if result is SpanExportResult.SUCCESS:
+            if self._dropped:
+                log.info(
+                    "traces are exported to %s again (%d spans were dropped)",
+                    self._endpoint,
+                    self._dropped,
+                )
+                self._dropped = 0
+        else:
+            if not self._dropped:
+                log.warning(
+                    "traces cannot be exported to %s: dropping spans until it is back",
+                    self._endpoint,
+                )
+            self._dropped += len(spans)
+        return result
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._exporter.force_flush(timeout_millis)
+
+    def shutdown(self) -> None:
+        self._exporter.shutdown()
+
+
+def code_attribute(code: grpc.StatusCode) -> int:
+    return code.value[0]
+
+
+class ServerTracer(grpc.aio.ServerInterceptor):
+    """A SERVER span for every RPC except those of `untraced` services (health probes and
+    reflection: noise in every trace view), a child of the caller's span when the call
+    carries one (W3C traceparent metadata). Outermost in the chain, so the span covers the
+    other interceptors, and the log line and the metrics can read its trace id."""
+
+    def __init__(
+        self,
+        provider: TracerProvider,
+        untraced: frozenset[str] = frozenset(),
+        shutting_down: asyncio.Event | None = None,
+    ):
+        self._tracer = provider.get_tracer(__name__)
+        self._untraced = untraced
+        self._shutting_down = shutting_down
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        _, service, method = handler_call_details.method.split("/")
+        if service in self._untraced:
+            return handler
+        parent = propagate.extract(dict(handler_call_details.invocation_metadata or ()))
+        return wrap_handler(
+            handler,
+            lambda behaviour, streaming: self._traced(
+                behaviour, streaming, service, method, parent
+            ),
+        )
+
+    def _traced(self, behaviour: Behaviour, response_streaming, service, method, parent):
+        @contextlib.contextmanager
+        def span_of_the_call(context) -> Iterator[None]:
+            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+            if request_id := current_request_id():  # joins a trace, a log line, an entry
+                attributes["request_id"] = request_id
+            with self._tracer.start_as_current_span(
+                f"{service}/{method}",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=attributes,
+                record_exception=False,  # recorded below, once, and only for real exceptions
+                set_status_on_exception=False,
+            ) as span:
+                error = None
+                try:
+                    yield
+                except BaseException as err:
+                    error = err
+                    raise
+                finally:
+                    code = status_of(context, error, self._shutting_down)
+                    span.set_attribute("rpc.grpc.status_code", code_attribute(code))
+                    if code == grpc.StatusCode.UNKNOWN and isinstance(error, Exception):
+                        span.record_exception(error)  # a handler bug: one event, not two
+                    if code in SERVER_ERROR_CODES:
+                        span.set_status(Status(StatusCode.ERROR, code.name))
+
+        async def unary(request_or_iterator, context):
+            with span_of_the_call(context):
+                return await behaviour(request_or_iterator, context)
+
+        async def stream(request_or_iterator, context):
+            with span_of_the_call(context):
+                async for reply in behaviour(request_or_iterator, context):
+                    yield reply
+
+        return stream if response_streaming else unary
+
+
+class ClientTracer:
+    """A CLIENT span for every outbound call, its context sent as W3C traceparent metadata,
+    ended when the call ends, however it ends (a cancel included). `interceptors()` gives
+    one per RPC kind; `flush()` waits for the spans of finished calls to be ended."""
+
+    def __init__(self, provider: TracerProvider, target: str):
+        self._tracer = provider.get_tracer(__name__)
+        self._pending: set[asyncio.Task] = set()
+        host, _, port = target.rpartition(":")  # "127.0.0.1:50051", "[::1]:50051"
+        self._server = {"server.address": host.strip("[]") or target}
+        if port.isdigit():
+            self._server["server.port"] = int(port)
+        if "," in target or target.startswith(("ipv4:", "ipv6:", "dns:")):
+            # Several replicas behind one target (balancing.py): name the target itself.
+            self._server = {"server.address": target}
+
+    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        return for_every_rpc_kind(self.intercept)
+
+    async def intercept(self, continuation, call_details, request):
+        full_method = call_details.method
+        full_method = full_method.decode() if isinstance(full_method, bytes) else full_method
+        service, _, method = full_method.lstrip("/").partition("/")
+        span = self._tracer.start_span(
+            f"{service}/{method}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "rpc.system": "grpc",
+                "rpc.service": service,
+                "rpc.method": method,
+                **self._server,
+            },
+        )
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        metadata = grpc.aio.Metadata(*(call_details.metadata or ()), *carrier.items())
+        try:
+            call = await continuation(call_details._replace(metadata=metadata), request)
+        except BaseException:
+            span.set_status(Status(StatusCode.ERROR, "the call could not start"))
+            span.end()
+            raise
+        task = asyncio.create_task(self._end_when_done(call, span))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return call
+
+    async def _end_when_done(self, call, span) -> None:
+        code = await call.code()
+        span.set_attribute("rpc.grpc.status_code", code_attribute(code))
+        if code != grpc.StatusCode.OK:
+            span.set_status(Status(StatusCode.ERROR, code.name))
+        span.end()
+
+    async def flush(self) -> None:
+        await asyncio.gather(*self._pending, return_exceptions=True)
