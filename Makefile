@@ -5,6 +5,7 @@
 #   make protos             regenerate the checked-in gRPC code of every step
 #   make lint               ruff over the whole repo
 #   make lock               re-resolve requirements.lock from pyproject.toml
+#   make bench [STEP=NN]    what each step's features cost per call (bench/results.md)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -13,7 +14,7 @@ PY     := $(VENV)/bin/python
 # when the lock changes.
 STAMP  := $(VENV)/.installed-from-lock
 
-.PHONY: tour test diff protos lint lock stats venv
+.PHONY: tour test diff protos lint lock stats venv bench
 
 venv: $(STAMP)
 
@@ -38,6 +39,9 @@ diff: $(STAMP)
 
 stats: $(STAMP)
 	@$(PY) tools/ladder.py stats
+
+bench: $(STAMP)
+	@$(PY) tools/bench.py $(STEP)
 
 protos: $(STAMP)
 	@$(PY) tools/codegen.py

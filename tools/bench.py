@@ -1,0 +1,414 @@
+"""What each step's features cost per call: every step's servers, with what the step needs
+beside them, under the same unary load, side by side with step 01 and a bare grpc.aio server.
+
+    python tools/bench.py [NN ...] [--rounds 3] [--seconds 3] [--out bench]   (make bench)
+
+For each variant (the bare server, then each step) and each round, the variant's processes
+are started as the step's README starts them (the Logger from step 10, Envoy and three
+Greeters in step 17), with a trace receiver (sampling 10%) from step 09 and a broker from
+step 16. Then, for 16 and then 64 concurrent calls, a load generator in a process of its own
+(`python tools/bench.py load ...`) calls SayHello without a pause: a warm-up, then a measured
+window. Measured: calls per second and p50/p99 latency (the load generator), and the CPU
+time of every process of the variant during the window, per call (/proc). Variants are
+alternated within each round, so a slow minute of the machine spreads over all of them; the
+table shows each figure's median over the rounds, with the spread.
+
+Writes OUT/results.md (the table, the machine and the date).
+"""
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
+from tools.broker import KafkaBroker
+from tools.envoy import EnvoyProcess
+from tools.otlp_receiver import OtlpReceiver
+from tools.processes import ServerProcess, StepServices, demo_environment
+from tools.steps import ROOT, Step, find_step, select_steps
+
+CONCURRENCY = (16, 64)
+STREAMING_CONCURRENCY = 16
+METHODS = {
+    "unary": "/greeter.v1.Greeter/SayHello",
+    "stream": "/greeter.v1.Greeter/StreamGreetings",
+    "chat": "/greeter.v1.Greeter/Chat",
+}
+# HelloRequest(name="Ada") and HelloRequest(name="Ada", count=10), encoded by hand: the load
+# generator needs no step's code.
+REQUEST = b"\x0a\x03Ada"
+STREAM_REQUEST = REQUEST + b"\x10\x0a"
+CHAT_MESSAGES = 100  # a chat holds at most 100 messages: then the caller starts another
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- The load generator: a process of its own ---------------------------------------------
+
+
+async def generate_load(args: argparse.Namespace) -> dict:
+    import grpc
+
+    if args.ca:
+        credentials = grpc.ssl_channel_credentials(args.ca)
+        channel = grpc.aio.secure_channel(args.target, credentials)
+    else:
+        channel = grpc.aio.insecure_channel(args.target)
+    metadata = (
+        (("authorization", f"Bearer {args.token}"), ("x-user-id", "bench")) if args.token else ()
+    )
+    latencies: list[float] = []  # unary: per call; stream and chat: per message
+    errors = 0
+    started = time.monotonic()
+    window = (started + args.warmup, started + args.warmup + args.seconds)
+
+    async def clock() -> None:
+        """Tell the parent when the window opens and closes: it reads the CPU clocks then."""
+        for moment, word in zip(window, ("measuring", "done"), strict=True):
+            await asyncio.sleep(moment - time.monotonic())
+            print(word, flush=True)
+
+    def measured(began: float) -> None:
+        """One call or message done; counted when it began and ended in the window."""
+        done = time.monotonic()
+        if began >= window[0] and done <= window[1]:
+            latencies.append(done - began)
+
+    async def unary(began: float) -> None:
+        await channel.unary_unary(METHODS["unary"])(REQUEST, metadata=metadata, timeout=10)
+        measured(began)
+
+    async def stream(began: float) -> None:
+        call = channel.unary_stream(METHODS["stream"])(
+            STREAM_REQUEST, metadata=metadata, timeout=10
+        )
+        last = began
+        async for _ in call:
+            measured(last)
+            last = time.monotonic()
+
+    async def chat(began: float) -> None:
+        call = channel.stream_stream(METHODS["chat"])(metadata=metadata, timeout=60)
+        for _ in range(CHAT_MESSAGES):
+            sent = time.monotonic()
+            if sent >= window[1]:
+                break
+            await call.write(REQUEST)
+            await call.read()
+            measured(sent)
+        await call.done_writing()
+        if await call.code() != grpc.StatusCode.OK:
+            raise grpc.aio.AioRpcError(await call.code(), None, None, await call.details())
+
+    one = {"unary": unary, "stream": stream, "chat": chat}[args.kind]
+
+    async def caller() -> None:
+        nonlocal errors
+        while (began := time.monotonic()) < window[1]:
+            try:
+                await one(began)
+            except grpc.aio.AioRpcError:
+                errors += 1
+
+    async with channel:
+        await asyncio.gather(clock(), *(caller() for _ in range(args.concurrency)))
+    latencies.sort()
+    return {
+        "calls": len(latencies),  # unary: calls; stream: messages; chat: round trips
+        "errors": errors,
+        "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else None,
+    }
+
+
+# --- A bare grpc.aio server: the floor every step is compared with -----------------------
+
+
+async def serve_bare() -> None:
+    """Step 01's Greeter.SayHello with nothing around it: grpc.aio, its generated code, no
+    validation, no interceptor."""
+    import grpc
+
+    sys.path.insert(0, str(find_step("01").path))
+    from greeter.v1 import greeter_pb2, greeter_pb2_grpc
+
+    class Bare(greeter_pb2_grpc.GreeterServicer):
+        async def SayHello(self, request, context):
+            return greeter_pb2.HelloReply(message=f"Hello, {request.name}!")
+
+    server = grpc.aio.server()
+    greeter_pb2_grpc.add_GreeterServicer_to_server(Bare(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+# --- Measuring -----------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Running:
+    """A variant's processes while it runs: where the load goes, how to reach it, whose
+    CPU counts."""
+
+    target: str
+    pids: list[int]
+    ca: str | None = None
+    token: str | None = None
+
+
+@contextlib.contextmanager
+def bare_server():
+    with ServerProcess(ROOT, script="tools/bench.py", ready_timeout=20) as process:
+        yield Running(process.address, [process.process.pid])
+
+
+@contextlib.contextmanager
+def step_servers(step: Step, workdir: Path):
+    """The step's processes as its README runs them, and what they need beside them."""
+    env = demo_environment(step.path, workdir)
+    # Everything else as a learner runs it (the log at INFO: from step 04 on, a line per
+    # call), but streams without a pause between replies: the bench measures the server,
+    # not the half second StreamGreetings waits by default.
+    env["GREETER_STREAM_INTERVAL"] = "0"
+    replicas, replica_env = {}, {}
+    with contextlib.ExitStack() as stack:
+        if step.number >= 9:
+            receiver = stack.enter_context(OtlpReceiver())
+            env |= {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0.1",
+            }
+        if step.number >= 16:
+            broker = stack.enter_context(KafkaBroker())
+            env |= {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "LOGGER_EVENTS_ASSIGNMENT": "all"}
+        if (step.path / "deploy" / "envoy.yaml").exists():
+            replicas = {"greeter": 3}
+            replica_env = {
+                "greeter": {"GREETER_SERVE_V2": "false"},
+                "greeter-2": {"GREETER_SERVE_V2": "false"},
+            }
+        services = stack.enter_context(
+            StepServices(step.path, env, replicas=replicas, replica_env=replica_env)
+        )
+        pids = [p.process.pid for p in services.processes.values()]
+        target = services["greeter"].address
+        if replicas:
+            upstreams = {
+                n: p.address for n, p in services.processes.items() if n.startswith("greeter")
+            }
+            envoy = stack.enter_context(EnvoyProcess(step.path, workdir / "certs", upstreams))
+            target, pids = envoy.address, [*pids, envoy.process.pid]
+        yield Running(
+            target,
+            pids,
+            ca=env.get("GREETER_TLS_CA"),
+            token=env["GREETER_AUTH_TOKEN"] if step.number >= 5 else None,
+        )
+
+
+def measure(running: Running, kind: str, concurrency: int, seconds: float, warmup: float) -> dict:
+    """One run of the load generator against `running`: its figures, and the variant's CPU
+    time per call (or per message) during the measured window."""
+    command = [sys.executable, str(Path(__file__).resolve()), "load", "--kind", kind]
+    command += ["--target", running.target, "--concurrency", str(concurrency)]
+    command += ["--seconds", str(seconds), "--warmup", str(warmup)]
+    if running.ca:
+        command += ["--ca", running.ca]
+    env = {**os.environ, "BENCH_TOKEN": running.token or "", "GRPC_VERBOSITY": "NONE"}
+    load = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    assert load.stdout is not None
+    clocks, result = [], None
+    for line in load.stdout:
+        if line.strip() in ("measuring", "done"):
+            clocks.append(sum(cpu_seconds(pid) for pid in running.pids))
+        elif line.startswith("{"):
+            result = json.loads(line)
+    if load.wait() != 0 or len(clocks) != 2 or result is None:
+        raise RuntimeError(f"the load generator failed: {' '.join(command)}")
+    calls = result["calls"]
+    result["per_second"] = calls / seconds
+    result["cpu_us_per_call"] = 1e6 * (clocks[1] - clocks[0]) / calls if calls else None
+    return result
+
+
+@dataclass
+class Sample:
+    """One variant's figures in one round."""
+
+    calls_per_second: dict[int, float] = field(default_factory=dict)  # by concurrency
+    p50_ms: float = 0.0  # at 16 concurrent calls
+    p99_ms: float = 0.0
+    cpu_us_per_call: float = 0.0
+    stream_messages_per_second: float | None = None  # None: the variant has no such RPC
+    chat_round_trips_per_second: float | None = None
+    failed: int = 0
+    peak_rss_mb: float = 0.0
+
+
+def run_variant(start, first_step: int, seconds: float, warmup: float) -> Sample:
+    """Start a variant, measure it, stop it. `first_step`: the step it is (0: the bare
+    server), which says whether it has StreamGreetings (step 02 on) and Chat (03 on)."""
+    sample = Sample()
+    with tempfile.TemporaryDirectory(prefix="bench-") as workdir, start(Path(workdir)) as running:
+        for concurrency in CONCURRENCY:
+            result = measure(running, "unary", concurrency, seconds, warmup)
+            sample.calls_per_second[concurrency] = result["per_second"]
+            sample.failed += result["errors"]
+            if concurrency == 16:
+                sample.p50_ms, sample.p99_ms = result["p50_ms"], result["p99_ms"]
+                sample.cpu_us_per_call = result["cpu_us_per_call"]
+        if first_step >= 2:
+            result = measure(running, "stream", STREAMING_CONCURRENCY, seconds, warmup)
+            sample.stream_messages_per_second = result["per_second"]
+            sample.failed += result["errors"]
+        if first_step >= 3:
+            result = measure(running, "chat", STREAMING_CONCURRENCY, seconds, warmup)
+            sample.chat_round_trips_per_second = result["per_second"]
+            sample.failed += result["errors"]
+        sample.peak_rss_mb = sum(peak_rss_mb(pid) for pid in running.pids)
+    return sample
+
+
+# --- The table -----------------------------------------------------------------------------
+
+
+def median_spread(values: list[float], digits: int = 0) -> str:
+    middle = statistics.median(values)
+    if len(values) == 1:
+        return f"{middle:.{digits}f}"
+    return f"{middle:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def table(samples: dict[str, list[Sample]]) -> str:
+    def rate(name: str) -> float:
+        return statistics.median(s.calls_per_second[16] for s in samples[name])
+
+    def spread(runs: list[Sample], figure) -> str:
+        values = [figure(s) for s in runs]
+        return "–" if None in values else median_spread(values)
+
+    lines = [
+        "| variant | calls/s @16 | calls/s @64 | p50 / p99 ms @16 | CPU µs/call @16 "
+        "| × step 01 @16 | × bare @16 | stream msgs/s | chat round trips/s | peak RSS MB "
+        "| failed calls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, runs in samples.items():
+        p50 = statistics.median(s.p50_ms for s in runs)
+        p99 = statistics.median(s.p99_ms for s in runs)
+        cells = [
+            name,
+            spread(runs, lambda s: s.calls_per_second[16]),
+            spread(runs, lambda s: s.calls_per_second[64]),
+            f"{p50:.2f} / {p99:.2f}",
+            spread(runs, lambda s: s.cpu_us_per_call),
+            f"{rate(name) / rate('01'):.2f}" if "01" in samples else "–",
+            f"{rate(name) / rate('bare'):.2f}",
+            spread(runs, lambda s: s.stream_messages_per_second),
+            spread(runs, lambda s: s.chat_round_trips_per_second),
+            f"{statistics.median(s.peak_rss_mb for s in runs):.0f}",
+            str(sum(s.failed for s in runs)),
+        ]
+        lines.append(f"| {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, load average before the run {load}"
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["load"]:
+        parser = argparse.ArgumentParser(prog="bench.py load")
+        parser.add_argument("--target", required=True)
+        parser.add_argument("--concurrency", type=int, required=True)
+        parser.add_argument("--seconds", type=float, required=True)
+        parser.add_argument("--warmup", type=float, required=True)
+        parser.add_argument("--ca")
+        parser.add_argument("--kind", choices=sorted(METHODS), default="unary")
+        args = parser.parse_args(argv[1:])
+        args.token = os.environ.get("BENCH_TOKEN")  # never on the command line (ps shows it)
+        args.ca = Path(args.ca).read_bytes() if args.ca else None
+        print(json.dumps(asyncio.run(generate_load(args))), flush=True)
+        return 0
+    if argv[:2] == ["--port", "0"]:  # the bare server, as ServerProcess starts a server
+        asyncio.run(serve_bare())
+        return 0
+    parser = argparse.ArgumentParser(description="What each step's features cost per call.")
+    parser.add_argument("steps", nargs="*", metavar="NN")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured window per run")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    args = parser.parse_args(argv)
+    steps = select_steps(args.steps)
+    if args.steps and all(s.number != 1 for s in steps):
+        steps = [find_step("01"), *steps]  # the ratios need step 01
+    about = machine()
+    print(f"bench: {about}", flush=True)
+    variants = {"bare": (0, lambda _: bare_server())} | {
+        s.label: (s.number, lambda workdir, s=s: step_servers(s, workdir)) for s in steps
+    }
+    samples: dict[str, list[Sample]] = {name: [] for name in variants}
+    for round_number in range(1, args.rounds + 1):
+        for name, (number, start) in variants.items():
+            sample = run_variant(start, number, args.seconds, args.warmup)
+            samples[name].append(sample)
+            print(
+                f"round {round_number} {name}: {sample.calls_per_second[16]:.0f} calls/s @16, "
+                f"{sample.cpu_us_per_call:.0f} µs CPU/call",
+                flush=True,
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    report = (
+        f"# What each step costs per call\n\n"
+        f"Measured by `make bench` on {date}: {about}.\n\n"
+        f"`SayHello` from 16 and 64 concurrent callers; `StreamGreetings` (10 replies each, no "
+        f"pause between them) and `Chat` (one message, one reply, then the next) from 16. "
+        f"CPU time: every process of the variant (Greeters, Logger, Envoy), per `SayHello` "
+        f"call. {args.rounds} round(s), variants alternated within each, {args.seconds:g} s "
+        f"measured after {args.warmup:g} s of warm-up per run; medians, with the spread over "
+        f"the rounds in brackets.\n\n{table(samples)}\n"
+    )
+    (args.out / "results.md").write_text(report)
+    print(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
