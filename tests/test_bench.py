@@ -1,0 +1,33 @@
+"""`make bench` works: one quick run on step 01 (and the bare server it is compared with)
+writes a table with a row for each, with real figures. No timing is asserted: a loaded
+machine is slower, never wrong."""
+
+import re
+
+from tools.processes import run_script
+from tools.steps import ROOT
+
+
+def test_a_quick_bench_of_step_01_writes_its_table(tmp_path):
+    result = run_script(
+        ROOT,
+        "tools/bench.py",
+        "01",
+        *("--rounds", "1", "--seconds", "0.3", "--warmup", "0.2", "--out", str(tmp_path)),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = (tmp_path / "results.md").read_text()
+    assert re.search(r"\d+ cores \(", report), report
+    rows = {
+        cells[0]: cells
+        for line in report.splitlines()
+        if line.startswith("| ") and not line.startswith("| variant")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    assert sorted(rows) == ["01", "bare"], report
+    for name, cells in rows.items():
+        calls_16, calls_64, _, cpu = (float(cells[i].split()[0]) for i in (1, 2, 3, 4))
+        assert calls_16 > 0 and calls_64 > 0 and cpu > 0, (name, cells)
+        assert cells[-1] == "0", f"{name}: calls failed"
+    assert rows["bare"][6] == "1.00" and rows["01"][5] == "1.00"  # each its own reference
