@@ -5,7 +5,8 @@
 #   make protos             regenerate the checked-in gRPC code of every step
 #   make lint               ruff over the whole repo
 #   make lock               re-resolve requirements.lock from pyproject.toml
-#   make bench [STEP=NN]    what each step's features cost per call (bench/results.md)
+#   make bench [STEP=NN]    what each step's features cost per call (bench/results.md),
+#                           and a leak check (bench/leaks.md)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -42,6 +43,7 @@ stats: $(STAMP)
 
 bench: $(STAMP)
 	@$(PY) tools/bench.py $(STEP)
+	@$(PY) tools/bench.py leaks $(STEP)
 
 protos: $(STAMP)
 	@$(PY) tools/codegen.py

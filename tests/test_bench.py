@@ -31,3 +31,18 @@ def test_a_quick_bench_of_step_01_writes_its_table(tmp_path):
         assert calls_16 > 0 and calls_64 > 0 and cpu > 0, (name, cells)
         assert cells[-1] == "0", f"{name}: calls failed"
     assert rows["bare"][6] == "1.00" and rows["01"][5] == "1.00"  # each its own reference
+
+
+def test_a_quick_leak_check_of_step_03_writes_its_table(tmp_path):
+    result = run_script(
+        ROOT, "tools/bench.py", "leaks", "03", "--calls", "200", "--out", str(tmp_path), timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    [row] = [
+        line
+        for line in (tmp_path / "leaks.md").read_text().splitlines()
+        if line.startswith("| 03 ")
+    ]
+    before, after_unary, after_chats, change = (float(c) for c in row.strip("|").split("|")[1:])
+    assert before > 0 and after_unary > 0 and after_chats > 0
+    assert abs(change - (after_chats - before)) < 0.11  # each figure is rounded to 0.1

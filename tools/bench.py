@@ -2,6 +2,7 @@
 beside them, under the same unary load, side by side with step 01 and a bare grpc.aio server.
 
     python tools/bench.py [NN ...] [--rounds 3] [--seconds 3] [--out bench]   (make bench)
+    python tools/bench.py leaks [NN ...] [--out bench]    (make bench: 03, 07 and 17)
 
 For each variant (the bare server, then each step) and each round, the variant's processes
 are started as the step's README starts them (the Logger from step 10, Envoy and three
@@ -10,10 +11,11 @@ step 16. Then, for 16 and then 64 concurrent calls, a load generator in a proces
 (`python tools/bench.py load ...`) calls SayHello without a pause: a warm-up, then a measured
 window. Measured: calls per second and p50/p99 latency (the load generator), and the CPU
 time of every process of the variant during the window, per call (/proc). Variants are
-alternated within each round, so a slow minute of the machine spreads over all of them; the
-table shows each figure's median over the rounds, with the spread.
+alternated within each round (every other round in reverse order), so a slow minute of the
+machine spreads over all of them and none always runs first; the table shows each figure's median over the rounds, with the spread.
 
-Writes OUT/results.md (the table, the machine and the date).
+Writes OUT/results.md (the table, the machine and the date). `leaks` writes OUT/leaks.md:
+each step's memory before and after 20,000 unary calls and 20,000 short chats.
 """
 
 import argparse
@@ -71,6 +73,9 @@ async def generate_load(args: argparse.Namespace) -> dict:
     errors = 0
     started = time.monotonic()
     window = (started + args.warmup, started + args.warmup + args.seconds)
+    remaining = args.calls  # --calls N: N calls (or chats), however long they take
+    if remaining:
+        window = (started, float("inf"))
 
     async def clock() -> None:
         """Tell the parent when the window opens and closes: it reads the CPU clocks then."""
@@ -99,7 +104,7 @@ async def generate_load(args: argparse.Namespace) -> dict:
 
     async def chat(began: float) -> None:
         call = channel.stream_stream(METHODS["chat"])(metadata=metadata, timeout=60)
-        for _ in range(CHAT_MESSAGES):
+        for _ in range(args.messages):
             sent = time.monotonic()
             if sent >= window[1]:
                 break
@@ -112,16 +117,24 @@ async def generate_load(args: argparse.Namespace) -> dict:
 
     one = {"unary": unary, "stream": stream, "chat": chat}[args.kind]
 
+    def another() -> bool:
+        nonlocal remaining
+        if args.calls:
+            remaining -= 1
+            return remaining >= 0
+        return time.monotonic() < window[1]
+
     async def caller() -> None:
         nonlocal errors
-        while (began := time.monotonic()) < window[1]:
+        while another():
             try:
-                await one(began)
+                await one(time.monotonic())
             except grpc.aio.AioRpcError:
                 errors += 1
 
     async with channel:
-        await asyncio.gather(clock(), *(caller() for _ in range(args.concurrency)))
+        clocked = () if args.calls else (clock(),)
+        await asyncio.gather(*clocked, *(caller() for _ in range(args.concurrency)))
     latencies.sort()
     return {
         "calls": len(latencies),  # unary: calls; stream: messages; chat: round trips
@@ -294,6 +307,62 @@ def run_variant(start, first_step: int, seconds: float, warmup: float) -> Sample
     return sample
 
 
+# --- The leak check ------------------------------------------------------------------------
+
+LEAK_STEPS = ("03", "07", "17")
+LEAK_CALLS = 20_000
+LEAK_CHAT_MESSAGES = 3  # a short chat
+
+
+def rss_mb(pids: list[int]) -> float:
+    """The memory the processes hold now (VmRSS), added up."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def run_calls(running: Running, kind: str, calls: int) -> None:
+    command = [sys.executable, str(Path(__file__).resolve()), "load", "--kind", kind]
+    command += ["--target", running.target, "--concurrency", "16", "--calls", str(calls)]
+    command += ["--messages", str(LEAK_CHAT_MESSAGES), "--seconds", "0", "--warmup", "0"]
+    if running.ca:
+        command += ["--ca", running.ca]
+    env = {**os.environ, "BENCH_TOKEN": running.token or "", "GRPC_VERBOSITY": "NONE"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    failed = json.loads(result.stdout.splitlines()[-1])["errors"] if result.returncode == 0 else -1
+    if failed:
+        raise RuntimeError(f"{failed} of the leak check's calls failed: {result.stderr}")
+
+
+def leak_check(steps: list[Step], calls: int = LEAK_CALLS) -> str:
+    """Each step's memory before and after 20,000 short chats and 20,000 unary calls, after a
+    warm-up of 1,000 of each (gRPC and Python fill their pools and caches first)."""
+    lines = [
+        f"| step | after warm-up MB | after {calls:,} unary calls | after {calls:,} chats "
+        "| change MB |",
+        "|---|---|---|---|---|",
+    ]
+    for step in steps:
+        with tempfile.TemporaryDirectory(prefix="bench-leaks-") as workdir:
+            with step_servers(step, Path(workdir)) as running:
+                run_calls(running, "unary", 1000)
+                run_calls(running, "chat", 1000)
+                before = rss_mb(running.pids)
+                run_calls(running, "unary", calls)
+                after_unary = rss_mb(running.pids)
+                run_calls(running, "chat", calls)
+                after_chats = rss_mb(running.pids)
+        lines.append(
+            f"| {step.label} | {before:.1f} | {after_unary:.1f} | {after_chats:.1f} "
+            f"| {after_chats - before:+.1f} |"
+        )
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 # --- The table -----------------------------------------------------------------------------
 
 
@@ -360,6 +429,8 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--warmup", type=float, required=True)
         parser.add_argument("--ca")
         parser.add_argument("--kind", choices=sorted(METHODS), default="unary")
+        parser.add_argument("--calls", type=int, default=0, help="this many, not --seconds")
+        parser.add_argument("--messages", type=int, default=CHAT_MESSAGES, help="per chat")
         args = parser.parse_args(argv[1:])
         args.token = os.environ.get("BENCH_TOKEN")  # never on the command line (ps shows it)
         args.ca = Path(args.ca).read_bytes() if args.ca else None
@@ -367,6 +438,28 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[:2] == ["--port", "0"]:  # the bare server, as ServerProcess starts a server
         asyncio.run(serve_bare())
+        return 0
+    if argv[:1] == ["leaks"]:
+        parser = argparse.ArgumentParser(prog="bench.py leaks")
+        parser.add_argument("steps", nargs="*", metavar="NN", default=list(LEAK_STEPS))
+        parser.add_argument("--out", type=Path, default=ROOT / "bench")
+        parser.add_argument("--calls", type=int, default=LEAK_CALLS, help="of each kind")
+        args = parser.parse_args(argv[1:])
+        about = machine()
+        print(f"leak check: {about}", flush=True)
+        found = leak_check(select_steps(args.steps), args.calls)
+        date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        report = (
+            f"# Does a server keep memory it no longer needs?\n\n"
+            f"Measured by `make bench` on {date}: {about}.\n\n"
+            f"Memory held (VmRSS) by every process of the step, added up: after a warm-up of "
+            f"1,000 `SayHello` calls and 1,000 chats, after {args.calls:,} more calls, and "
+            f"after {args.calls:,} chats of {LEAK_CHAT_MESSAGES} messages each (16 at a "
+            f"time).\n\n{found}\n"
+        )
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "leaks.md").write_text(report)
+        print(report)
         return 0
     parser = argparse.ArgumentParser(description="What each step's features cost per call.")
     parser.add_argument("steps", nargs="*", metavar="NN")
@@ -385,7 +478,9 @@ def main(argv: list[str]) -> int:
     }
     samples: dict[str, list[Sample]] = {name: [] for name in variants}
     for round_number in range(1, args.rounds + 1):
-        for name, (number, start) in variants.items():
+        # Every other round in reverse order: no variant always runs first or last.
+        order = list(variants.items())
+        for name, (number, start) in order if round_number % 2 else reversed(order):
             sample = run_variant(start, number, args.seconds, args.warmup)
             samples[name].append(sample)
             print(
@@ -401,7 +496,8 @@ def main(argv: list[str]) -> int:
         f"`SayHello` from 16 and 64 concurrent callers; `StreamGreetings` (10 replies each, no "
         f"pause between them) and `Chat` (one message, one reply, then the next) from 16. "
         f"CPU time: every process of the variant (Greeters, Logger, Envoy), per `SayHello` "
-        f"call. {args.rounds} round(s), variants alternated within each, {args.seconds:g} s "
+        f"call. {args.rounds} round(s), variants alternated within each (every other round in "
+        f"reverse order), {args.seconds:g} s "
         f"measured after {args.warmup:g} s of warm-up per run; medians, with the spread over "
         f"the rounds in brackets.\n\n{table(samples)}\n"
     )
