@@ -21,11 +21,10 @@ from greeter.v1 import greeter_pb2_grpc
 from greeter.v2 import greeter_pb2 as v2
 from greeter.v2 import greeter_pb2_grpc as v2_grpc
 from tests.support.helpers import eventually
-from tools.envoy import EnvoyProcess, envoy_binary
+from tools.envoy import RELEASES, EnvoyProcess, envoy_binary
 from tools.processes import ServerProcess
 
-STABLE = ("stable-1", "stable-2")
-CANARY = "canary"
+*STABLE, CANARY = (settings["GREETER_REPLICA_NAME"] for settings in RELEASES.values())
 # The canary drains this long after SIGTERM (health NOT_SERVING, still serving): longer
 # than Envoy takes to notice, one health check interval (1 s) plus its timeout (1 s).
 CANARY_DRAIN_DELAY = 3
@@ -74,6 +73,7 @@ class Releases:
     envoy: EnvoyProcess
     stable: list[ServerProcess]
     canary: ServerProcess
+    upstreams: dict[str, str]  # what Envoy was given: compose's names, the processes' addresses
 
 
 @pytest.fixture
@@ -81,29 +81,21 @@ def releases(request):
     """The releases and Envoy. The canary's drain delay is 0 unless the test asks for one
     (parametrize `releases` indirectly): each second of it is a second of teardown."""
     drain_delay = getattr(request, "param", 0)
+
+    def drains(settings: dict) -> dict:
+        canary = settings["GREETER_REPLICA_NAME"] == CANARY
+        return {"GREETER_DRAIN_DELAY": str(drain_delay)} if canary else {}
+
     with contextlib.ExitStack() as stack:
-        stable = [
-            stack.enter_context(
-                ServerProcess(
-                    STEP_DIR, env={"GREETER_SERVE_V2": "false", "GREETER_REPLICA_NAME": name}
-                )
-            )
-            for name in STABLE
-        ]
-        canary = stack.enter_context(
-            ServerProcess(
-                STEP_DIR,
-                env={"GREETER_REPLICA_NAME": CANARY, "GREETER_DRAIN_DELAY": str(drain_delay)},
-            )
-        )
-        # compose's names, as deploy/envoy.yaml spells them: greeter-3 is the canary.
-        upstreams = {
-            "greeter": stable[0].address,
-            "greeter-2": stable[1].address,
-            "greeter-3": canary.address,
+        # As compose runs them (tools/envoy.RELEASES): greeter-3 is the canary.
+        processes = {
+            name: stack.enter_context(ServerProcess(STEP_DIR, env=settings | drains(settings)))
+            for name, settings in RELEASES.items()
         }
+        upstreams = {name: process.address for name, process in processes.items()}
         envoy = stack.enter_context(EnvoyProcess(STEP_DIR, CERTS, upstreams))
-        yield Releases(envoy, stable, canary)
+        *stable, canary = processes.values()
+        yield Releases(envoy, stable, canary, upstreams)
 
 
 @pytest.fixture
@@ -299,3 +291,30 @@ def test_the_client_through_envoy(releases):
     assert stable.stderr.startswith("error: UNIMPLEMENTED: "), stable.stderr
     wrong = run_client("hello", "--name", "Ada", "--family-name", "Lovelace", *target)
     assert wrong.returncode == 2 and "--family-name needs --api v2" in wrong.stderr
+
+
+async def test_callers_come_back_after_envoy_restarts(releases):
+    """Envoy killed (SIGKILL: a crash, no drain): a call fails at once with UNAVAILABLE, it
+    does not hang. Envoy started again on its port: the same channel's calls succeed again,
+    without the caller doing anything."""
+    envoy = releases.envoy
+    async with open_channel(envoy.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        assert await greet(stub)
+        envoy.process.kill()
+        envoy.process.wait()
+        error = await rpc_error(stub.SayHello(Request(name="Ada"), timeout=5))
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        with EnvoyProcess(
+            STEP_DIR, CERTS, releases.upstreams, port=envoy.port, admin_port=envoy.admin_port
+        ):
+
+            async def served() -> bool:
+                try:
+                    return bool(await greet(stub))
+                except grpc.aio.AioRpcError:
+                    return False  # the channel is still backing off before it reconnects
+
+            await eventually(served, timeout=15, interval=0.2, message="a call through Envoy")
+            counts = await count_served(stub, 100)
+            assert counts.total() == 100

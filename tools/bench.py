@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
 from tools.broker import KafkaBroker
-from tools.envoy import EnvoyProcess
+from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
 from tools.processes import ServerProcess, StepServices, demo_environment
 from tools.steps import ROOT, Step, find_step, select_steps
@@ -221,19 +221,14 @@ def step_servers(step: Step, workdir: Path):
             env |= {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "LOGGER_EVENTS_ASSIGNMENT": "all"}
         if (step.path / "deploy" / "envoy.yaml").exists():
             replicas = {"greeter": 3}
-            replica_env = {
-                "greeter": {"GREETER_SERVE_V2": "false"},
-                "greeter-2": {"GREETER_SERVE_V2": "false"},
-            }
+            replica_env = RELEASES
         services = stack.enter_context(
             StepServices(step.path, env, replicas=replicas, replica_env=replica_env)
         )
         pids = [p.process.pid for p in services.processes.values()]
         target = services["greeter"].address
         if replicas:
-            upstreams = {
-                n: p.address for n, p in services.processes.items() if n.startswith("greeter")
-            }
+            upstreams = {name: services[name].address for name in RELEASES}
             envoy = stack.enter_context(EnvoyProcess(step.path, workdir / "certs", upstreams))
             target, pids = envoy.address, [*pids, envoy.process.pid]
         yield Running(

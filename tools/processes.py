@@ -186,7 +186,8 @@ class StepServices:
     ):
         self.processes: dict[str, ServerProcess] = {}
         self.returncodes: dict[str, int] = {}
-        self.wiring: dict[str, dict[str, str]] = {}  # the addresses each process was given
+        # What each process was given beyond `env`: the addresses, its own settings.
+        self.wiring: dict[str, dict[str, str]] = {}
         self.targets: dict[str, str] = {}  # each service's target, all its replicas in it
         wiring: dict[str, str] = {}
         try:
@@ -196,14 +197,15 @@ class StepServices:
                 started = []
                 for number in range(1, (replicas or {}).get(service.name, 1) + 1):
                     name = service.name if number == 1 else f"{service.name}-{number}"
+                    given = {**wiring, **(replica_env or {}).get(name, {})}
                     process = ServerProcess(
                         step_dir,
                         *(args or {}).get(service.name, ()),
                         script=service.script,
-                        env={**(env or {}), **wiring, **(replica_env or {}).get(name, {})},
+                        env={**(env or {}), **given},
                     )
                     self.processes[name] = process
-                    self.wiring[name] = dict(wiring)
+                    self.wiring[name] = given
                     started.append(process.address)
                 target = started[0] if len(started) == 1 else f"ipv4:{','.join(started)}"
                 self.targets[service.name] = target

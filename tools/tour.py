@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools import dashboards
 from tools.broker import KafkaBroker, S3Server
-from tools.envoy import EnvoyProcess
+from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
 from tools.processes import StepServices, demo_environment, run_script
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
@@ -67,10 +67,9 @@ class TourEntry:
     # Several replicas of a service (step 12 on), e.g. (("greeter", 3),): "{target}" then
     # names them all (ipv4:HOST:PORT,HOST:PORT,...).
     replicas: tuple[tuple[str, int], ...] = ()
-    # Settings of one replica only, e.g. (("greeter-3", (("GREETER_SERVE_V2", "true"),)),).
-    replica_env: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
     # A real Envoy (tools/envoy.py) with the step's deploy/envoy.yaml in front of the
-    # Greeters (step 17): "{envoy}" is its address.
+    # Greeters, run as compose runs them (tools/envoy.RELEASES, step 17): "{envoy}" is its
+    # address.
     envoy: bool = False
     # Settings of the step's servers for the tour, e.g. (("GREETER_LOGGER_BREAKER_RESET", "1"),).
     server_env: tuple[tuple[str, str], ...] = ()
@@ -346,12 +345,6 @@ TOUR: dict[int, TourEntry] = {
         replicas=(("greeter", 3),),
         # Envoy's health checks and 100 calls would fill the logs below: failures only.
         server_env=(("GREETER_LOG_LEVEL", "WARNING"), ("LOGGER_LOG_LEVEL", "WARNING")),
-        # As docker-compose.yml runs them: two replicas of the previous release, one canary.
-        replica_env=(
-            ("greeter", (("GREETER_SERVE_V2", "false"), ("GREETER_REPLICA_NAME", "stable-1"))),
-            ("greeter-2", (("GREETER_SERVE_V2", "false"), ("GREETER_REPLICA_NAME", "stable-2"))),
-            ("greeter-3", (("GREETER_REPLICA_NAME", "canary"),)),
-        ),
         envoy=True,
         demos=(
             demo("spread", "--name", "Ada", "--calls", "100", "--user-id", "ada", target="{envoy}"),
@@ -509,9 +502,7 @@ def show_dashboard(
 def start_envoy(step: Step, services: StepServices, certs: Path) -> EnvoyProcess:
     """Envoy with the step's deploy/envoy.yaml, its upstreams compose's names for the
     tour's Greeters (greeter, greeter-2, greeter-3)."""
-    upstreams = {
-        name: p.address for name, p in services.processes.items() if name.startswith("greeter")
-    }
+    upstreams = {name: services[name].address for name in RELEASES}
     pairs = " ".join(f"{name}={address}" for name, address in upstreams.items())
     print(f"$ python ../tools/envoy.py {pairs} --port 0   # deploy/envoy.yaml", flush=True)
     envoy = EnvoyProcess(step.path, certs, upstreams)
@@ -566,15 +557,10 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             step.path,
             env | dict(entry.server_env),
             replicas=dict(entry.replicas),
-            replica_env={name: dict(settings) for name, settings in entry.replica_env},
+            replica_env=RELEASES if entry.envoy else None,
         )
         for name, server in services.processes.items():
-            wiring = "".join(
-                f"{k}={v} "
-                for k, v in (
-                    services.wiring[name] | dict(dict(entry.replica_env).get(name, ()))
-                ).items()
-            )
+            wiring = "".join(f"{k}={v} " for k, v in services.wiring[name].items())
             print(f"$ {wiring}python {server.command[1]} --port 0")
             for line, address in server.addresses.items():
                 print(f"    {line} on {address}", flush=True)
