@@ -15,7 +15,8 @@ served over HTTP by `serving_metrics`, on a port of its own.
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 
 import grpc
 import prometheus_client
@@ -23,7 +24,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 
-from interceptors import Behaviour, status_of, wrap_handler
+from interceptors import Behaviour, OncePerMethod, status_of, wrap_handler
 
 # Go's prometheus.DefBuckets, which go-grpc-prometheus uses for the handling-time histogram
 # (Python's client has other defaults): the same buckets make the same quantiles.
@@ -93,6 +94,7 @@ class ServerMetrics(grpc.aio.ServerInterceptor):
             registry=registry,
         )
         self._shutting_down = shutting_down
+        self._measured = OncePerMethod(self._wrap)
 
     def initialize(self, services: Iterable[ServiceDescriptor]) -> None:
         """Create every series of `services` at 0, as go-grpc-prometheus's InitializeMetrics
@@ -113,62 +115,99 @@ class ServerMetrics(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: UNIMPLEMENTED, and nothing to label it with
-        _, service, method = handler_call_details.method.split("/")
+        return self._measured(handler_call_details.method, handler)
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        _, service, method = full_method.split("/")  # "/greeter.v1.Greeter/SayHello"
         labels = (rpc_type(handler.request_streaming, handler.response_streaming), service, method)
+        # The method's series, looked up once: a labels() lookup takes a lock and a dict.
+        series = MethodSeries(
+            started=self.started.labels(*labels),
+            handled={
+                code: self.handled.labels(*labels, GO_CODE_NAMES[code]) for code in grpc.StatusCode
+            },
+            handling_seconds=self.handling_seconds.labels(*labels),
+            received=self.received.labels(*labels),
+            sent=self.sent.labels(*labels),
+        )
         return wrap_handler(
             handler,
-            lambda behaviour, response_streaming: self._measured(
-                behaviour, labels, handler.request_streaming, response_streaming
+            lambda behaviour, response_streaming: measured(
+                behaviour,
+                series,
+                handler.request_streaming,
+                response_streaming,
+                self._shutting_down,
             ),
         )
 
-    def _measured(
-        self,
-        behaviour: Behaviour,
-        labels: tuple[str, str, str],
-        request_streaming: bool,
-        response_streaming: bool,
-    ) -> Behaviour:
-        received, sent = self.received.labels(*labels), self.sent.labels(*labels)
 
-        @contextlib.contextmanager
-        def measuring(context) -> Iterator[None]:
-            self.started.labels(*labels).inc()
-            started, error = time.monotonic(), None
-            try:
-                yield
-            except BaseException as err:  # CancelledError and GeneratorExit too: it ended
-                error = err
-                raise
-            finally:
-                code = status_of(context, error, self._shutting_down)
-                self.handled.labels(*labels, GO_CODE_NAMES[code]).inc()
-                self.handling_seconds.labels(*labels).observe(time.monotonic() - started)
+@dataclass(frozen=True)
+class MethodSeries:
+    """The series of one method (its labels set): what `measured` counts and times."""
 
-        def counted_requests(request_or_iterator):
-            if not request_streaming:
-                received.inc()  # a unary request has arrived by the time the handler runs
-                return request_or_iterator
-            return counting(request_or_iterator)
+    started: Counter
+    handled: dict[grpc.StatusCode, Counter]
+    handling_seconds: Histogram
+    received: Counter
+    sent: Counter
 
-        async def counting(requests: AsyncIterator) -> AsyncIterator:
-            async for request in requests:
-                received.inc()
-                yield request
 
-        async def unary(request_or_iterator, context):
-            with measuring(context):
-                reply = await behaviour(counted_requests(request_or_iterator), context)
-                sent.inc()
-                return reply
+def measured(
+    behaviour: Behaviour,
+    series: MethodSeries,
+    request_streaming: bool,
+    response_streaming: bool,
+    shutting_down: asyncio.Event | None,
+) -> Behaviour:
+    """`behaviour`, counted and timed in `series`, whatever kind of RPC it is."""
 
-        async def stream(request_or_iterator, context):
-            with measuring(context):
-                async for reply in behaviour(counted_requests(request_or_iterator), context):
-                    sent.inc()
-                    yield reply
+    def counted_requests(request_or_iterator):
+        if not request_streaming:
+            series.received.inc()  # a unary request has arrived by the time the handler runs
+            return request_or_iterator
+        return counting(request_or_iterator)
 
-        return stream if response_streaming else unary
+    async def counting(requests: AsyncIterator) -> AsyncIterator:
+        async for request in requests:
+            series.received.inc()
+            yield request
+
+    async def unary(request_or_iterator, context):
+        with Measuring(series, context, shutting_down):
+            reply = await behaviour(counted_requests(request_or_iterator), context)
+            series.sent.inc()
+            return reply
+
+    async def stream(request_or_iterator, context):
+        with Measuring(series, context, shutting_down):
+            async for reply in behaviour(counted_requests(request_or_iterator), context):
+                series.sent.inc()
+                yield reply
+
+    return stream if response_streaming else unary
+
+
+class Measuring:
+    """Counts an RPC as started, and when the `with` block ends, however it ends
+    (CancelledError and GeneratorExit too), as handled with its code, and its duration.
+    A class rather than @contextlib.contextmanager: it runs on every call, and a
+    generator-based one costs more."""
+
+    __slots__ = ("context", "series", "shutting_down", "started")
+
+    def __init__(self, series: MethodSeries, context, shutting_down: asyncio.Event | None):
+        self.series, self.context, self.shutting_down = series, context, shutting_down
+        series.started.inc()
+        self.started = time.monotonic()
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind, error: BaseException | None, traceback) -> None:
+        code = status_of(self.context, error, self.shutting_down)
+        self.series.handled[code].inc()
+        self.series.handling_seconds.observe(time.monotonic() - self.started)
 
 
 @contextlib.asynccontextmanager

@@ -8,9 +8,12 @@ at start-up with a message naming where it came from: `--port 70000`, or `GREETE
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
+
+from rpc_log import BatchedStreamHandler
 
 
 def option(
@@ -283,4 +286,16 @@ def parse_settings(
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """The server's log: to stderr, a line per record. Every RPC writes one (rpc_log.py), so
+    what a line costs counts: they are written in batches (BatchedStreamHandler)."""
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[BatchedStreamHandler(sys.stderr)],
+    )
+    # logging also finds out, for every record, which file, line, thread and process wrote
+    # it, which this format never shows (the logging HOWTO, "Optimization", names these).
+    logging._srcfile = None  # no stack walk for the caller's file, line and function
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
@@ -25,7 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from interceptors import Behaviour, for_every_rpc_kind, status_of, wrap_handler
+from interceptors import Behaviour, OncePerMethod, for_every_rpc_kind, status_of, wrap_handler
 from propagation import current_request_id
 
 log = logging.getLogger("tracing")  # in the Greeter, the Logger and the client alike
@@ -127,60 +128,73 @@ class ServerTracer(grpc.aio.ServerInterceptor):
         self._tracer = provider.get_tracer(__name__)
         self._untraced = untraced
         self._shutting_down = shutting_down
+        self._traced = OncePerMethod(self._wrap)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        _, service, method = handler_call_details.method.split("/")
+        return self._traced(handler_call_details.method, handler)
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        _, service, method = full_method.split("/")
         if service in self._untraced:
             return handler
-        parent = propagate.extract(dict(handler_call_details.invocation_metadata or ()))
-        return wrap_handler(
-            handler,
-            lambda behaviour, streaming: self._traced(
-                behaviour, streaming, service, method, parent
-            ),
+        name = f"{service}/{method}"
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
+        def traced(behaviour: Behaviour, response_streaming: bool) -> Behaviour:
+            async def unary(request_or_iterator, context):
+                with SpanOfTheCall(self._tracer, name, attributes, context, self._shutting_down):
+                    return await behaviour(request_or_iterator, context)
+
+            async def stream(request_or_iterator, context):
+                with SpanOfTheCall(self._tracer, name, attributes, context, self._shutting_down):
+                    async for reply in behaviour(request_or_iterator, context):
+                        yield reply
+
+            return stream if response_streaming else unary
+
+        return wrap_handler(handler, traced)
+
+
+class SpanOfTheCall:
+    """The SERVER span of one call, current while the `with` block runs and ended when it
+    ends, however it ends; a child of the caller's span when the call's metadata carries
+    one (W3C traceparent). Its status code is recorded at the end, and an exception only
+    for a handler bug. A class rather than @contextlib.contextmanager around
+    start_as_current_span: it runs on every call, sampled or not, and costs less so."""
+
+    __slots__ = ("context", "shutting_down", "span", "token")
+
+    def __init__(self, tracer, name: str, attributes: dict, context, shutting_down):
+        self.context, self.shutting_down = context, shutting_down
+        parent = propagate.extract(dict(context.invocation_metadata() or ()))
+        if request_id := current_request_id():  # joins a trace, a log line, an entry
+            attributes = {**attributes, "request_id": request_id}
+        self.span = tracer.start_span(
+            name,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes=attributes,
+            record_exception=False,  # recorded below, once, and only for real exceptions
+            set_status_on_exception=False,
         )
 
-    def _traced(self, behaviour: Behaviour, response_streaming, service, method, parent):
-        @contextlib.contextmanager
-        def span_of_the_call(context) -> Iterator[None]:
-            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-            if request_id := current_request_id():  # joins a trace, a log line, an entry
-                attributes["request_id"] = request_id
-            with self._tracer.start_as_current_span(
-                f"{service}/{method}",
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes=attributes,
-                record_exception=False,  # recorded below, once, and only for real exceptions
-                set_status_on_exception=False,
-            ) as span:
-                error = None
-                try:
-                    yield
-                except BaseException as err:
-                    error = err
-                    raise
-                finally:
-                    code = status_of(context, error, self._shutting_down)
-                    span.set_attribute("rpc.grpc.status_code", code_attribute(code))
-                    if code == grpc.StatusCode.UNKNOWN and isinstance(error, Exception):
-                        span.record_exception(error)  # a handler bug: one event, not two
-                    if code in SERVER_ERROR_CODES:
-                        span.set_status(Status(StatusCode.ERROR, code.name))
+    def __enter__(self) -> None:
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
 
-        async def unary(request_or_iterator, context):
-            with span_of_the_call(context):
-                return await behaviour(request_or_iterator, context)
-
-        async def stream(request_or_iterator, context):
-            with span_of_the_call(context):
-                async for reply in behaviour(request_or_iterator, context):
-                    yield reply
-
-        return stream if response_streaming else unary
+    def __exit__(self, kind, error: BaseException | None, traceback) -> None:
+        try:
+            code = status_of(self.context, error, self.shutting_down)
+            self.span.set_attribute("rpc.grpc.status_code", code_attribute(code))
+            if code == grpc.StatusCode.UNKNOWN and isinstance(error, Exception):
+                self.span.record_exception(error)  # a handler bug: one event, not two
+            if code in SERVER_ERROR_CODES:
+                self.span.set_status(Status(StatusCode.ERROR, code.name))
+        finally:
+            self.span.end()
+            otel_context.detach(self.token)
 
 
 class ClientTracer:

@@ -4,15 +4,22 @@ last reply is sent, the client cancels it, or the handler fails.
 """
 
 import asyncio
-import contextlib
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from typing import TextIO
 
 import grpc
 
 from caller import calling_service, current_user_id
-from interceptors import Behaviour, current_trace_id, for_every_rpc_kind, status_of, wrap_handler
+from interceptors import (
+    Behaviour,
+    OncePerMethod,
+    current_trace_id,
+    for_every_rpc_kind,
+    status_of,
+    wrap_handler,
+)
 from propagation import REQUEST_ID_KEY, current_request_id
 
 server_log = logging.getLogger("greeter.rpc")
@@ -84,12 +91,15 @@ class ServerRpcLogger(grpc.aio.ServerInterceptor):
     ):
         self._shutting_down = shutting_down or asyncio.Event()
         self._log = log  # the service's: greeter.rpc, logger.rpc
+        self._logged = OncePerMethod(self._wrap)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # unknown method: gRPC answers UNIMPLEMENTED
-        method = handler_call_details.method
+        return self._logged(handler_call_details.method, handler)
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return wrap_handler(
             handler,
             lambda behaviour, streaming: logged(
@@ -105,42 +115,96 @@ def logged(
     shutting_down: asyncio.Event,
     log: logging.Logger,
 ) -> Behaviour:
-    """`behaviour`, logging its RPC when it ends, whatever kind it is. The peer and its
-    certificate are read up front: once a call has ended, grpc.aio forgets them."""
-
-    @contextlib.contextmanager
-    def line_when_done(context) -> Iterator[None]:
-        started, peer, service = time.monotonic(), context.peer(), calling_service(context)
-        error = None
-        try:
-            yield
-        except BaseException as err:  # CancelledError and GeneratorExit too: the call ended
-            error = err
-            raise
-        finally:
-            code = status_of(context, error, shutting_down)
-            log_rpc(
-                log,
-                method,
-                peer,
-                code,
-                started,
-                error,
-                user=current_user_id() or "-",
-                client=service or "-",
-                request_id=current_request_id(),
-            )
+    """`behaviour`, logging its RPC when it ends, whatever kind it is."""
 
     async def unary(request, context):
-        with line_when_done(context):
+        with LineWhenDone(log, method, context, shutting_down):
             return await behaviour(request, context)
 
     async def stream(request_or_iterator, context):
-        with line_when_done(context):
+        with LineWhenDone(log, method, context, shutting_down):
             async for reply in behaviour(request_or_iterator, context):
                 yield reply
 
     return stream if response_streaming else unary
+
+
+class LineWhenDone:
+    """Writes the server's line of one RPC when the `with` block ends, however it ends
+    (CancelledError and GeneratorExit too: the call ended). The peer and its certificate are
+    read up front: once a call has ended, grpc.aio forgets them. A class rather than @contextlib.contextmanager:
+    it runs on every call, and a generator-based one costs more."""
+
+    __slots__ = ("context", "log", "method", "peer", "service", "shutting_down", "started")
+
+    def __init__(self, log: logging.Logger, method: str, context, shutting_down: asyncio.Event):
+        self.log, self.method, self.context = log, method, context
+        self.shutting_down = shutting_down
+        self.started, self.peer = time.monotonic(), context.peer()
+        self.service = calling_service(context)
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind, error: BaseException | None, traceback) -> None:
+        code = status_of(self.context, error, self.shutting_down)
+        log_rpc(
+            self.log,
+            self.method,
+            self.peer,
+            code,
+            self.started,
+            error,
+            user=current_user_id() or "-",
+            client=self.service or "-",
+            request_id=current_request_id(),
+        )
+
+
+class BatchedStreamHandler(logging.StreamHandler):
+    """A StreamHandler that writes its lines in batches instead of one write() per line.
+
+    A server writes a line for every RPC, and a write to a pipe (as under Docker or
+    systemd) costs more than formatting the line (bench/README.md). Here a line is written
+    at most `flush_seconds` after it was logged, a WARNING or worse at once, and what is
+    left when the program exits (logging.shutdown flushes every handler). Only a process
+    killed outright (SIGKILL) loses its last INFO lines: at most `flush_seconds` of them.
+    """
+
+    def __init__(self, stream: TextIO, flush_seconds: float = 0.2):
+        # A buffer of our own over the stream's file: Python flushes stderr at every line.
+        buffered = open(
+            stream.fileno(),
+            "w",
+            buffering=64 * 1024,
+            encoding=stream.encoding,
+            errors=stream.errors,
+            closefd=False,
+        )
+        super().__init__(buffered)
+        self._closed = threading.Event()
+        threading.Thread(
+            target=self._flush_every, args=(flush_seconds,), name="log-flush", daemon=True
+        ).start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno >= logging.WARNING:
+            self.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self._closed.set()
+        super().close()
+
+    def _flush_every(self, seconds: float) -> None:
+        # A timer, not synchronisation: no line waits longer than this to be written.
+        while not self._closed.wait(seconds):
+            self.flush()  # takes the handler's lock, as emit() does
 
 
 class ClientRpcLogger:

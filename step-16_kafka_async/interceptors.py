@@ -1,6 +1,6 @@
-"""Generic helpers for interceptors, for any RPC kind: wrap a server handler, give a client
-interceptor for every kind, tell the status a finished call ended with, and the trace the
-call belongs to.
+"""Generic helpers for interceptors, for any RPC kind: wrap a server handler (once per
+method), give a client interceptor for every kind, tell the status a finished call ended
+with, and the trace the call belongs to.
 
 grpc.aio hands a server interceptor a handler of one of four kinds (unary or streaming
 request, unary or streaming reply), and picks client interceptors by kind. Feature modules
@@ -33,6 +33,27 @@ def wrap_handler(
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class OncePerMethod:
+    """Server interceptors' wrapped handlers, made once per method rather than on every call.
+
+    grpc.aio asks the interceptors for a handler on every call, and the handler an
+    interceptor is given for a method is the same object every time. Wrapping it anew (a new
+    handler, new closures) would be the same work, repeated on every call, so the wrapped
+    handler is kept for as long as the handler it wraps is the one given.
+    `wrap(method, handler)` makes it: for example, a `wrap_handler` with the method's name.
+    """
+
+    def __init__(self, wrap: Callable[[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler]):
+        self._wrap = wrap
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def __call__(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        known = self._wrapped.get(method)
+        if known is None or known[0] is not handler:
+            known = self._wrapped[method] = (handler, self._wrap(method, handler))
+        return known[1]
 
 
 def status_of(
