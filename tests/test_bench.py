@@ -1,7 +1,8 @@
 """`make bench` works: one quick run on step 01 (and the bare server it is compared with)
-writes a table with a row for each, with real figures. No timing is asserted: a loaded
-machine is slower, never wrong."""
+writes a table with a row for each, with real figures, their medians and the chart. No
+timing is asserted: a loaded machine is slower, never wrong."""
 
+import json
 import re
 
 from tools.processes import run_script
@@ -31,6 +32,11 @@ def test_a_quick_bench_of_step_01_writes_its_table(tmp_path):
         assert calls_16 > 0 and calls_64 > 0 and cpu > 0, (name, cells)
         assert cells[-1] == "0", f"{name}: calls failed"
     assert rows["bare"][6] == "1.00" and rows["01"][5] == "1.00"  # each its own reference
+    medians = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert [row["name"] for row in medians] == ["bare", "01"]
+    for row in medians:
+        assert row["cpu_us_per_call_min"] <= row["cpu_us_per_call"] <= row["cpu_us_per_call_max"]
+    assert (tmp_path / "cost.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_a_quick_leak_check_of_step_03_writes_its_table(tmp_path):

@@ -2,6 +2,7 @@
 beside them, under the same unary load, side by side with step 01 and a bare grpc.aio server.
 
     python tools/bench.py [NN ...] [--rounds 3] [--seconds 3] [--out bench]   (make bench)
+    python tools/bench.py NN ... --against REV    (each step also as it is at git REV)
     python tools/bench.py leaks [NN ...] [--out bench]    (make bench: 03, 07 and 17)
 
 For each variant (the bare server, then each step) and each round, the variant's processes
@@ -14,7 +15,8 @@ time of every process of the variant during the window, per call (/proc). Varian
 alternated within each round (every other round in reverse order), so a slow minute of the
 machine spreads over all of them and none always runs first; the table shows each figure's median over the rounds, with the spread.
 
-Writes OUT/results.md (the table, the machine and the date). `leaks` writes OUT/leaks.md:
+Writes OUT/results.md (the table, the machine and the date), OUT/results.json (the medians)
+and OUT/cost.png (a chart of them, tools/bench_chart.py). `leaks` writes OUT/leaks.md:
 each step's memory before and after 20,000 unary calls and 20,000 short chats.
 """
 
@@ -34,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
+from tools.bench_chart import draw as draw_chart
 from tools.broker import KafkaBroker
 from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
@@ -250,6 +253,12 @@ def measure(running: Running, kind: str, concurrency: int, seconds: float, warmu
     env = {**os.environ, "BENCH_TOKEN": running.token or "", "GRPC_VERBOSITY": "NONE"}
     load = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     assert load.stdout is not None
+    if os.environ.get("BENCH_PIN"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(load.pid, cores[-1:])
+        for pid in running.pids:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                os.sched_setaffinity(int(task.name), cores[:-1])
     clocks, result = [], None
     for line in load.stdout:
         if line.strip() in ("measuring", "done"):
@@ -462,15 +471,51 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="measured window per run")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also run each step as it is at git revision REV, beside it: before and after "
+        "a change, measured in one run",
+    )
     args = parser.parse_args(argv)
     steps = select_steps(args.steps)
     if args.steps and all(s.number != 1 for s in steps):
         steps = [find_step("01"), *steps]  # the ratios need step 01
     about = machine()
     print(f"bench: {about}", flush=True)
-    variants = {"bare": (0, lambda _: bare_server())} | {
-        s.label: (s.number, lambda workdir, s=s: step_servers(s, workdir)) for s in steps
-    }
+    with contextlib.ExitStack() as stack:
+        before = stack.enter_context(checkout(args.against)) if args.against else None
+        return run_bench(args, about, variants_of(steps, before, args.against))
+
+
+@contextlib.contextmanager
+def checkout(revision: str):
+    """The repository's files at `revision`, in a temporary folder (generated code is
+    checked in, so its steps run as they are)."""
+    with tempfile.TemporaryDirectory(prefix="bench-against-") as folder:
+        archive = subprocess.run(
+            ["git", "archive", revision], cwd=ROOT, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+        yield Path(folder)
+
+
+def variants_of(steps: list[Step], before: Path | None, revision: str | None) -> dict:
+    """{name: (step number, start)}: the bare server, then each step (each one right after
+    its version at `revision`, when there is one)."""
+    variants = {"bare": (0, lambda _: bare_server())}
+    for step in steps:
+        if before is not None:
+            old = Step(step.number, before / step.name)
+            variants[f"{step.label}@{revision}"] = (
+                step.number,
+                lambda workdir, old=old: step_servers(old, workdir),
+            )
+        variants[step.label] = (step.number, lambda workdir, s=step: step_servers(s, workdir))
+    return variants
+
+
+def run_bench(args: argparse.Namespace, about: str, variants: dict) -> int:
     samples: dict[str, list[Sample]] = {name: [] for name in variants}
     for round_number in range(1, args.rounds + 1):
         # Every other round in reverse order: no variant always runs first or last.
@@ -494,11 +539,35 @@ def main(argv: list[str]) -> int:
         f"call. {args.rounds} round(s), variants alternated within each (every other round in "
         f"reverse order), {args.seconds:g} s "
         f"measured after {args.warmup:g} s of warm-up per run; medians, with the spread over "
-        f"the rounds in brackets.\n\n{table(samples)}\n"
+        f"the rounds in brackets. The chart: [cost.png](cost.png).\n\n{table(samples)}\n"
     )
     (args.out / "results.md").write_text(report)
+    results = {"when": date, "machine": about, "variants": medians(samples)}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    draw_chart(results, args.out / "cost.png")
     print(report)
     return 0
+
+
+def medians(samples: dict[str, list[Sample]]) -> list[dict]:
+    """Each variant's median figures (and the CPU time's spread), for the chart and for
+    anyone who wants to compare runs without parsing the table."""
+    rows = []
+    for name, runs in samples.items():
+        cpu = [s.cpu_us_per_call for s in runs]
+        rows.append(
+            {
+                "name": name,
+                "calls_per_second_16": statistics.median(s.calls_per_second[16] for s in runs),
+                "calls_per_second_64": statistics.median(s.calls_per_second[64] for s in runs),
+                "cpu_us_per_call": statistics.median(cpu),
+                "cpu_us_per_call_min": min(cpu),
+                "cpu_us_per_call_max": max(cpu),
+                "peak_rss_mb": statistics.median(s.peak_rss_mb for s in runs),
+                "failed": sum(s.failed for s in runs),
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":
