@@ -17,9 +17,9 @@ from conftest import (
     say,
 )
 from greeter.v1 import greeter_pb2_grpc
-from rpc_log import ClientRpcLogger
+from rpc_log import BatchedStreamHandler, ClientRpcLogger
 from service import Greeter
-from tests.support.helpers import eventually
+from tests.support.helpers import eventually, wait_until
 
 
 async def say_hello_ok(stub):
@@ -144,8 +144,31 @@ def test_server_process_logs_each_rpc_and_the_client_logs_with_verbose(server_pr
         f"INFO greeter.client: /greeter.v1.Greeter/SayHello code=OK peer={server_process.address}"
         in result.stderr
     )
-    server_process.stop()
-    assert (
-        "INFO greeter.rpc: /greeter.v1.Greeter/SayHello code=OK peer=ipv4:127.0.0.1:"
-        in server_process.output
+    # Lines are written in batches, but a running server's line is out within moments.
+    wait_until(
+        lambda: (
+            "INFO greeter.rpc: /greeter.v1.Greeter/SayHello code=OK peer=ipv4:127.0.0.1:"
+            in server_process.output
+        ),
+        message="the server's line for the call, while it runs",
     )
+
+
+def test_lines_are_written_in_batches_a_warning_at_once_and_the_rest_on_close(tmp_path):
+    path = tmp_path / "server.log"
+    log = logging.getLogger("test.batched")
+    log.propagate, log.level = False, logging.INFO
+    with path.open("w") as stream:
+        handler = BatchedStreamHandler(stream, flush_seconds=3600)  # no timed flush here
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        log.addHandler(handler)
+        try:
+            log.info("first")
+            assert path.read_text() == ""  # still in the buffer: no write per line
+            log.warning("second")
+            assert path.read_text() == "INFO first\nWARNING second\n"  # and all before it
+            log.info("third")
+            handler.close()  # as logging.shutdown() does when the program exits
+            assert path.read_text() == "INFO first\nWARNING second\nINFO third\n"
+        finally:
+            log.removeHandler(handler)
