@@ -24,8 +24,15 @@ $(STAMP): requirements.lock
 	@# A changed lock gets a fresh venv, so a package dropped from the lock is gone too.
 	@rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	@echo "installing requirements.lock into $(VENV) (once per lock change) ..."
-	@$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock \
-		> $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; echo "pip install failed"; exit 1; }
+	@# pip retries a refused connection but not a download that stalls half-way
+	@# (a read timeout from PyPI ended a CI run): try the whole install three times.
+	@# Wheels already fetched come from pip's cache, so a retry fetches only the rest.
+	@for attempt in 1 2 3; do \
+		$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock \
+			> $(VENV)/pip.log 2>&1 && break; \
+		if [ $$attempt = 3 ]; then cat $(VENV)/pip.log; echo "pip install failed 3 times"; exit 1; fi; \
+		echo "pip install failed (attempt $$attempt of 3), trying again:"; tail -n 3 $(VENV)/pip.log; \
+	done
 	@touch $(STAMP)
 
 tour: $(STAMP)

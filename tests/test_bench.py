@@ -3,7 +3,12 @@ writes a table with a row for each, with real figures, their medians and the cha
 timing is asserted: a loaded machine is slower, never wrong."""
 
 import json
+import os
 import re
+import shlex
+import signal
+import subprocess
+import sys
 
 from tools.processes import run_script
 from tools.steps import ROOT
@@ -52,3 +57,45 @@ def test_a_quick_leak_check_of_step_03_writes_its_table(tmp_path):
     before, after_unary, after_chats, change = (float(c) for c in row.strip("|").split("|")[1:])
     assert before > 0 and after_unary > 0 and after_chats > 0
     assert abs(change - (after_chats - before)) < 0.11  # each figure is rounded to 0.1
+
+
+def test_a_step_served_for_a_profiler_takes_the_load_it_prints_and_stops_on_ctrl_c():
+    """`bench.py serve 06` (auth and TLS: the printed command carries the token and the CA)
+    as bench/README.md's "Profile a step yourself" uses it."""
+    serve = subprocess.Popen(
+        [sys.executable, "tools/bench.py", "serve", "06"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        printed = []
+        for line in serve.stdout:
+            printed.append(line)
+            if line.startswith("load it: "):
+                break
+        [greeter] = [line for line in printed if line.startswith("greeter: pid ")]
+        pid = int(greeter.split()[-1])
+        words = shlex.split(printed[-1].removeprefix("load it: "))
+        python = words.index("python")
+        env = dict(word.split("=", 1) for word in words[:python])
+        arguments = words[python + 1 :]
+        assert env["BENCH_TOKEN"], printed
+        # The printed load, made short: --calls counts calls instead of a time window.
+        load = subprocess.run(
+            [sys.executable, *arguments, "--calls", "50"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert load.returncode == 0, load.stderr
+        assert json.loads(load.stdout.splitlines()[-1])["errors"] == 0
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=30) == 0
+        assert not os.path.exists(f"/proc/{pid}"), "the Greeter outlived the bench"
+    finally:
+        serve.kill()
+        serve.wait()

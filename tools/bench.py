@@ -3,7 +3,9 @@ beside them, under the same unary load, side by side with step 01 and a bare grp
 
     python tools/bench.py [NN ...] [--rounds 3] [--seconds 3] [--out bench]   (make bench)
     python tools/bench.py NN ... --against REV    (each step also as it is at git REV)
+    python tools/bench.py NN ... --unary-only --rounds 8    (SayHello @16 only, more rounds)
     python tools/bench.py leaks [NN ...] [--out bench]    (make bench: 03, 07 and 17)
+    python tools/bench.py serve NN    (one step as the bench runs it, until Ctrl-C: to profile)
 
 For each variant (the bare server, then each step) and each round, the variant's processes
 are started as the step's README starts them (the Logger from step 10, Envoy and three
@@ -26,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -194,12 +197,13 @@ class Running:
     pids: list[int]
     ca: str | None = None
     token: str | None = None
+    names: list[str] = field(default_factory=list)  # of the processes, as `pids` lists them
 
 
 @contextlib.contextmanager
 def bare_server():
     with ServerProcess(ROOT, script="tools/bench.py", ready_timeout=20) as process:
-        yield Running(process.address, [process.process.pid])
+        yield Running(process.address, [process.process.pid], names=["bare"])
 
 
 @contextlib.contextmanager
@@ -229,14 +233,16 @@ def step_servers(step: Step, workdir: Path):
             StepServices(step.path, env, replicas=replicas, replica_env=replica_env)
         )
         pids = [p.process.pid for p in services.processes.values()]
+        names = list(services.processes)
         target = services["greeter"].address
         if replicas:
             upstreams = {name: services[name].address for name in RELEASES}
             envoy = stack.enter_context(EnvoyProcess(step.path, workdir / "certs", upstreams))
-            target, pids = envoy.address, [*pids, envoy.process.pid]
+            target, pids, names = envoy.address, [*pids, envoy.process.pid], [*names, "envoy"]
         yield Running(
             target,
             pids,
+            names=names,
             ca=env.get("GREETER_TLS_CA"),
             token=env["GREETER_AUTH_TOKEN"] if step.number >= 5 else None,
         )
@@ -253,12 +259,6 @@ def measure(running: Running, kind: str, concurrency: int, seconds: float, warmu
     env = {**os.environ, "BENCH_TOKEN": running.token or "", "GRPC_VERBOSITY": "NONE"}
     load = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     assert load.stdout is not None
-    if os.environ.get("BENCH_PIN"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(load.pid, cores[-1:])
-        for pid in running.pids:
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                os.sched_setaffinity(int(task.name), cores[:-1])
     clocks, result = [], None
     for line in load.stdout:
         if line.strip() in ("measuring", "done"):
@@ -287,23 +287,26 @@ class Sample:
     peak_rss_mb: float = 0.0
 
 
-def run_variant(start, first_step: int, seconds: float, warmup: float) -> Sample:
+def run_variant(
+    start, first_step: int, seconds: float, warmup: float, unary_only: bool = False
+) -> Sample:
     """Start a variant, measure it, stop it. `first_step`: the step it is (0: the bare
-    server), which says whether it has StreamGreetings (step 02 on) and Chat (03 on)."""
+    server), which says whether it has StreamGreetings (step 02 on) and Chat (03 on).
+    `unary_only`: SayHello from 16 callers, nothing else (a quicker round, so more rounds)."""
     sample = Sample()
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir, start(Path(workdir)) as running:
-        for concurrency in CONCURRENCY:
+        for concurrency in CONCURRENCY[:1] if unary_only else CONCURRENCY:
             result = measure(running, "unary", concurrency, seconds, warmup)
             sample.calls_per_second[concurrency] = result["per_second"]
             sample.failed += result["errors"]
             if concurrency == 16:
                 sample.p50_ms, sample.p99_ms = result["p50_ms"], result["p99_ms"]
                 sample.cpu_us_per_call = result["cpu_us_per_call"]
-        if first_step >= 2:
+        if first_step >= 2 and not unary_only:
             result = measure(running, "stream", STREAMING_CONCURRENCY, seconds, warmup)
             sample.stream_messages_per_second = result["per_second"]
             sample.failed += result["errors"]
-        if first_step >= 3:
+        if first_step >= 3 and not unary_only:
             result = measure(running, "chat", STREAMING_CONCURRENCY, seconds, warmup)
             sample.chat_round_trips_per_second = result["per_second"]
             sample.failed += result["errors"]
@@ -318,14 +321,12 @@ LEAK_CALLS = 20_000
 LEAK_CHAT_MESSAGES = 3  # a short chat
 
 
-def rss_mb(pids: list[int]) -> float:
-    """The memory the processes hold now (VmRSS), added up."""
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
+def rss_mb(pid: int) -> float:
+    """The memory the process holds now (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def run_calls(running: Running, kind: str, calls: int) -> None:
@@ -349,22 +350,53 @@ def leak_check(steps: list[Step], calls: int = LEAK_CALLS) -> str:
         "| change MB |",
         "|---|---|---|---|---|",
     ]
+    by_process = []  # a step of several processes: what each one's memory did
     for step in steps:
         with tempfile.TemporaryDirectory(prefix="bench-leaks-") as workdir:
             with step_servers(step, Path(workdir)) as running:
                 run_calls(running, "unary", 1000)
                 run_calls(running, "chat", 1000)
-                before = rss_mb(running.pids)
+                before = [rss_mb(pid) for pid in running.pids]
                 run_calls(running, "unary", calls)
-                after_unary = rss_mb(running.pids)
+                after_unary = [rss_mb(pid) for pid in running.pids]
                 run_calls(running, "chat", calls)
-                after_chats = rss_mb(running.pids)
+                after_chats = [rss_mb(pid) for pid in running.pids]
         lines.append(
-            f"| {step.label} | {before:.1f} | {after_unary:.1f} | {after_chats:.1f} "
-            f"| {after_chats - before:+.1f} |"
+            f"| {step.label} | {sum(before):.1f} | {sum(after_unary):.1f} "
+            f"| {sum(after_chats):.1f} | {sum(after_chats) - sum(before):+.1f} |"
         )
         print(lines[-1], flush=True)
-    return "\n".join(lines)
+        if len(running.pids) > 1:
+            changes = zip(running.names, before, after_chats, strict=True)
+            each = ", ".join(f"{name} {a:.1f} → {b:.1f}" for name, a, b in changes)
+            by_process.append(
+                f"- step {step.label}, MB after the warm-up → after the chats: {each}"
+            )
+    return "\n".join([*lines, "", *by_process])
+
+
+# --- One step kept running, for a profiler -------------------------------------------------
+
+
+def serve(step: Step) -> None:
+    """Start the step as the bench does, print its processes and the command that loads it
+    as the bench does, and keep it running until Ctrl-C (or SIGTERM)."""
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
+        with step_servers(step, Path(workdir)) as running:
+            # Blocked only now: the servers are started, and a child inherits the mask.
+            stop = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+            for name, pid in zip(running.names, running.pids, strict=True):
+                print(f"{name}: pid {pid}")
+            token = f"BENCH_TOKEN={running.token} " if running.token else ""
+            ca = f" --ca {running.ca}" if running.ca else ""
+            print(
+                f"load it: {token}python tools/bench.py load --target {running.target}{ca} "
+                "--concurrency 16 --warmup 1 --seconds 30\nCtrl-C stops the step.",
+                flush=True,
+            )
+            signal.sigwait(stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
 
 
 # --- The table -----------------------------------------------------------------------------
@@ -397,7 +429,7 @@ def table(samples: dict[str, list[Sample]]) -> str:
         cells = [
             name,
             spread(runs, lambda s: s.calls_per_second[16]),
-            spread(runs, lambda s: s.calls_per_second[64]),
+            spread(runs, lambda s: s.calls_per_second.get(64)),
             f"{p50:.2f} / {p99:.2f}",
             spread(runs, lambda s: s.cpu_us_per_call),
             f"{rate(name) / rate('01'):.2f}" if "01" in samples else "–",
@@ -465,12 +497,23 @@ def main(argv: list[str]) -> int:
         (args.out / "leaks.md").write_text(report)
         print(report)
         return 0
+    if argv[:1] == ["serve"]:
+        parser = argparse.ArgumentParser(prog="bench.py serve")
+        parser.add_argument("step", metavar="NN")
+        serve(find_step(parser.parse_args(argv[1:]).step))
+        return 0
     parser = argparse.ArgumentParser(description="What each step's features cost per call.")
     parser.add_argument("steps", nargs="*", metavar="NN")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0, help="measured window per run")
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument(
+        "--unary-only",
+        action="store_true",
+        help="SayHello from 16 callers only: quicker rounds, so more of them for a small "
+        "difference",
+    )
     parser.add_argument(
         "--against",
         metavar="REV",
@@ -521,7 +564,7 @@ def run_bench(args: argparse.Namespace, about: str, variants: dict) -> int:
         # Every other round in reverse order: no variant always runs first or last.
         order = list(variants.items())
         for name, (number, start) in order if round_number % 2 else reversed(order):
-            sample = run_variant(start, number, args.seconds, args.warmup)
+            sample = run_variant(start, number, args.seconds, args.warmup, args.unary_only)
             samples[name].append(sample)
             print(
                 f"round {round_number} {name}: {sample.calls_per_second[16]:.0f} calls/s @16, "
@@ -530,11 +573,16 @@ def run_bench(args: argparse.Namespace, about: str, variants: dict) -> int:
             )
     args.out.mkdir(parents=True, exist_ok=True)
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = (
+        "`SayHello` from 16 concurrent callers only (`--unary-only`)."
+        if args.unary_only
+        else "`SayHello` from 16 and 64 concurrent callers; `StreamGreetings` (10 replies each, "
+        "no pause between them) and `Chat` (one message, one reply, then the next) from 16."
+    )
     report = (
         f"# What each step costs per call\n\n"
         f"Measured by `make bench` on {date}: {about}.\n\n"
-        f"`SayHello` from 16 and 64 concurrent callers; `StreamGreetings` (10 replies each, no "
-        f"pause between them) and `Chat` (one message, one reply, then the next) from 16. "
+        f"{load} "
         f"CPU time: every process of the variant (Greeters, Logger, Envoy), per `SayHello` "
         f"call. {args.rounds} round(s), variants alternated within each (every other round in "
         f"reverse order), {args.seconds:g} s "
@@ -549,6 +597,10 @@ def run_bench(args: argparse.Namespace, about: str, variants: dict) -> int:
     return 0
 
 
+def median_or_none(values: list[float | None]) -> float | None:
+    return None if None in values else statistics.median(values)
+
+
 def medians(samples: dict[str, list[Sample]]) -> list[dict]:
     """Each variant's median figures (and the CPU time's spread), for the chart and for
     anyone who wants to compare runs without parsing the table."""
@@ -559,7 +611,7 @@ def medians(samples: dict[str, list[Sample]]) -> list[dict]:
             {
                 "name": name,
                 "calls_per_second_16": statistics.median(s.calls_per_second[16] for s in runs),
-                "calls_per_second_64": statistics.median(s.calls_per_second[64] for s in runs),
+                "calls_per_second_64": median_or_none([s.calls_per_second.get(64) for s in runs]),
                 "cpu_us_per_call": statistics.median(cpu),
                 "cpu_us_per_call_min": min(cpu),
                 "cpu_us_per_call_max": max(cpu),

@@ -29,41 +29,48 @@ def draw(results: dict, out: Path) -> None:
 
     matplotlib.use("Agg")  # no display: write a file
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     rows = [row for row in results["variants"] if "@" not in row["name"]]
     names = [feature(row["name"]) for row in rows]
     totals = [row["cpu_us_per_call"] for row in rows]
-    before = [0.0, *totals[:-1]]
-    before[0] = 0.0
-    if rows[0]["name"] == "bare":  # the bare server is the floor, not a step before step 01
-        before[1] = 0.0
+    # What the step before cost: none for the bare server and step 01, the floors.
+    floors = {"bare", "01"}
+    before = [0.0 if row["name"] in floors else totals[i - 1] for i, row in enumerate(rows)]
     added = [total - base for total, base in zip(totals, before, strict=True)]
     low = [total - row["cpu_us_per_call_min"] for total, row in zip(totals, rows, strict=True)]
     high = [row["cpu_us_per_call_max"] - total for total, row in zip(totals, rows, strict=True)]
+    colours = [
+        "#8da9c4" if row["name"] in floors else "#d9534f" if add > 0 else "#5cb85c"
+        for row, add in zip(rows, added, strict=True)
+    ]
 
     figure, axes = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.6))
     positions = range(len(rows))
-    axes.barh(positions, before, color="#c9d6e3", label="the step before")
+    axes.barh(positions, before, color="#dde6ee")
     axes.barh(
-        positions,
-        added,
-        left=before,
-        color=["#d9534f" if a > 0 else "#5cb85c" for a in added],
-        xerr=[low, high],
-        ecolor="#555555",
-        capsize=2,
-        label="what this step adds",
+        positions, added, left=before, color=colours, xerr=[low, high], ecolor="#555555", capsize=2
     )
-    for position, total, add in zip(positions, totals, added, strict=True):
-        axes.text(total + 25, position, f"{total:.0f} µs ({add:+.0f})", va="center", fontsize=8)
+    right = max(row["cpu_us_per_call_max"] for row in rows)
+    for position, row, total, add in zip(positions, rows, totals, added, strict=True):
+        words = f"{total:.0f} µs" if row["name"] in floors else f"{total:.0f} µs ({add:+.0f})"
+        x = row["cpu_us_per_call_max"] + right * 0.01  # past the spread's whisker
+        axes.text(x, position, words, va="center", fontsize=8)
     axes.set_yticks(list(positions), names, fontsize=9)
     axes.invert_yaxis()  # step 01 at the top, as in the table
     axes.set_xlabel("server CPU µs per SayHello call (every process of the step), median")
     axes.set_title(
         f"What each step costs per call\n{results['when']}: {results['machine']}", fontsize=9
     )
-    axes.set_xlim(0, max(totals) * 1.2)
-    axes.legend(loc="lower right", fontsize=8)
+    axes.set_xlim(0, right * 1.2)
+    legend = {
+        "#8da9c4": "the floors: a bare grpc.aio server, step 01",
+        "#dde6ee": "what the step before cost",
+        "#d9534f": "what this step adds",
+        "#5cb85c": "what this step saves (or the noise)",
+    }
+    handles = [Patch(color=colour, label=words) for colour, words in legend.items()]
+    axes.legend(handles=handles, loc="upper right", fontsize=8)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
     plt.close(figure)
