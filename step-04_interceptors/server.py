@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 
 from greeter.v1 import greeter_pb2_grpc
+from interceptors import StreamsEndInTheirTask
 from rpc_log import ServerRpcLogger
 from service import Greeter
 from settings import Settings, configure_logging, parse_settings
@@ -47,7 +48,8 @@ def build_server(settings: Settings, servicer: Greeter) -> tuple[grpc.aio.Server
     """A server with every service registered and its port bound (not started yet)."""
     server = grpc.aio.server(
         # Run around every RPC, first one outermost (README, "The chain").
-        interceptors=[ServerRpcLogger(servicer.shutting_down)],
+        # StreamsEndInTheirTask first: around every other interceptor.
+        interceptors=[StreamsEndInTheirTask(), ServerRpcLogger(servicer.shutting_down)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -26,6 +26,7 @@ import grpc
 
 from auth import TOKEN_VARIABLE, ServerAuthenticator, token_problem
 from greeter.v1 import greeter_pb2_grpc
+from interceptors import StreamsEndInTheirTask
 from rpc_log import ServerRpcLogger
 from service import Greeter
 from settings import Settings, configure_logging, parse_settings
@@ -49,7 +50,12 @@ def build_server(settings: Settings, servicer: Greeter) -> tuple[grpc.aio.Server
     """A server with every service registered and its port bound (not started yet)."""
     server = grpc.aio.server(
         # Run around every RPC, first one outermost (README, "The chain").
-        interceptors=[ServerRpcLogger(servicer.shutting_down), ServerAuthenticator(settings.token)],
+        # StreamsEndInTheirTask first: around every other interceptor.
+        interceptors=[
+            StreamsEndInTheirTask(),
+            ServerRpcLogger(servicer.shutting_down),
+            ServerAuthenticator(settings.token),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

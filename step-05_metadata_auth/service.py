@@ -13,6 +13,8 @@ MAX_NAME_LENGTH = 100
 # A stream is bounded too: a client cannot ask for an endless one.
 DEFAULT_STREAM_COUNT = 5
 MAX_STREAM_COUNT = 10
+# A call cancelled this close to its deadline ended by its deadline (Greeter.ended).
+DEADLINE_CANCEL_SECONDS = 0.1
 # A chat is bounded as well: a client that needs more starts a new one.
 MAX_CHAT_MESSAGES = 100
 
@@ -69,18 +71,16 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
             for number in range(1, count + 1):
                 if number > 1:
                     await asyncio.sleep(self.stream_interval)
-                yield greeter_pb2.HelloReply(message=f"Hello, {request.name}! ({number}/{count})")
+                # Counted when handed to gRPC: a cancel may reach the call while it is sent.
                 sent = number
-        except asyncio.CancelledError:
-            # grpc.aio cancels this task the moment the client cancels or disconnects (or the
-            # server's grace period runs out), so the loop stops at once: no reply is
-            # produced for a client that is gone.
-            by = (
-                "cut by the server's shutdown"
-                if self.shutting_down.is_set()
-                else "cancelled by the client"
-            )
-            log.info("StreamGreetings %s after %d of %d replies", by, sent, count)
+                yield greeter_pb2.HelloReply(message=f"Hello, {request.name}! ({number}/{count})")
+        except (asyncio.CancelledError, GeneratorExit):
+            # grpc.aio cancels this task the moment the client cancels or disconnects, the
+            # deadline passes or the server's grace period runs out, so the loop stops at
+            # once: no reply is produced for a client that is gone. A cancel that comes while
+            # grpc.aio is sending a reply leaves this generator at its `yield`, and Python
+            # closes it there later: GeneratorExit, the same ending.
+            log.info("StreamGreetings %s after %d of %d replies", self.ended(context), sent, count)
             raise
 
     async def Chat(self, request_iterator, context):
@@ -102,3 +102,14 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
             # connection dropped (grpc.aio ends the request iterator then, as on a half-close,
             # so the handler returns at once and nothing of the chat stays behind).
             log.info("Chat ended after %d messages", received)
+
+    def ended(self, context) -> str:
+        """Why a call was stopped before its end, as its log line says it."""
+        remaining = context.time_remaining()
+        # The client cancels when the deadline passes, and its cancel may arrive a moment
+        # before the server's own timer for the same deadline fires.
+        if remaining is not None and remaining < DEADLINE_CANCEL_SECONDS:
+            return "ended by its deadline"
+        if self.shutting_down.is_set():
+            return "cut by the server's shutdown"
+        return "cancelled by the client"

@@ -8,6 +8,7 @@ request, unary or streaming reply), and picks client interceptors by kind. Featu
 """
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import grpc
@@ -55,6 +56,51 @@ class OncePerMethod:
         return known[1]
 
 
+class StreamsEndInTheirTask(grpc.aio.ServerInterceptor):
+    """Ends every streaming call in its own task, at once, however it ends (the client's
+    cancel, a deadline, the server's shutdown). The first interceptor.
+
+    grpc.aio iterates a generator handler itself. A cancel that reaches the call while
+    grpc.aio is sending a reply leaves the generator (and every interceptor's generator
+    around it) paused at its `yield`, and Python closes it later, from another task: the
+    log line comes late, or not before the server exits, and code that must end where it
+    began (a tracing context) fails. Here a coroutine writes the replies (`context.write`);
+    the cancel always reaches it, and it closes the generators there and then, each
+    interceptor's closing the one it wraps (`contextlib.aclosing`)."""
+
+    def __init__(self) -> None:
+        self._wrapped = OncePerMethod(self._wrap)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        return self._wrapped(handler_call_details.method, handler)
+
+    @staticmethod
+    def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return wrap_handler(handler, lambda behaviour, streaming: written(behaviour))
+
+
+def written(behaviour: Behaviour) -> Behaviour:
+    """A generator behaviour as a coroutine that writes each reply (StreamsEndInTheirTask)."""
+
+    async def write_replies(request_or_iterator, context) -> None:
+        # However the call ends, the generators are closed here, in its task; each
+        # interceptor's closes the one it wraps (contextlib.aclosing).
+        async with contextlib.aclosing(behaviour(request_or_iterator, context)) as replies:
+            async for reply in replies:
+                await context.write(reply)
+
+    return write_replies
+
+
+# A client cancels its call when the call's deadline passes, and that cancel may reach the
+# server a moment before the server's own timer for the same deadline fires: a call
+# cancelled this close to its deadline ended by its deadline.
+DEADLINE_CANCEL_SECONDS = 0.1
+
+
 def status_of(
     context: grpc.aio.ServicerContext,
     error: BaseException | None,
@@ -71,6 +117,8 @@ def status_of(
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
         # grpc.aio cancels the handler when the client goes away, or when the grace ends.
+        if remaining is not None and remaining < DEADLINE_CANCEL_SECONDS:
+            return grpc.StatusCode.DEADLINE_EXCEEDED
         if shutting_down is not None and shutting_down.is_set():
             return grpc.StatusCode.UNAVAILABLE
         return grpc.StatusCode.CANCELLED

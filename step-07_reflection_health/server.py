@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from auth import TOKEN_VARIABLE, ServerAuthenticator, token_problem
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from health import HEALTH_SERVICE, HealthService
+from interceptors import StreamsEndInTheirTask
 from rpc_log import ServerRpcLogger
 from service import Greeter
 from settings import Settings, configure_logging, parse_settings
@@ -61,7 +62,9 @@ def build_server(
     """A server with every service registered and its port bound (not started yet)."""
     server = grpc.aio.server(
         # Run around every RPC, first one outermost (README, "The chain").
+        # StreamsEndInTheirTask first: around every other interceptor.
         interceptors=[
+            StreamsEndInTheirTask(),
             ServerRpcLogger(servicer.shutting_down),
             ServerAuthenticator(settings.token, exempt=PUBLIC_SERVICES),
         ],

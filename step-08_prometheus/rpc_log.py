@@ -4,6 +4,7 @@ last reply is sent, the client cancels it, or the handler fails.
 """
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -99,8 +100,9 @@ def logged(
 
     async def stream(request_or_iterator, context):
         with LineWhenDone(method, context, shutting_down):
-            async for reply in behaviour(request_or_iterator, context):
-                yield reply
+            async with contextlib.aclosing(behaviour(request_or_iterator, context)) as replies:
+                async for reply in replies:
+                    yield reply
 
     return stream if response_streaming else unary
 

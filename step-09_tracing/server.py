@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from auth import TOKEN_VARIABLE, ServerAuthenticator, token_problem
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from health import HEALTH_SERVICE, HealthService
+from interceptors import StreamsEndInTheirTask
 from metrics import ServerMetrics, serving_metrics
 from rpc_log import ServerRpcLogger
 from service import Greeter
@@ -69,7 +70,9 @@ def build_server(
     """A server with every service registered and its port bound (not started yet)."""
     server = grpc.aio.server(
         # Run around every RPC, first one outermost (README, "The chain").
+        # StreamsEndInTheirTask first: around every other interceptor.
         interceptors=[
+            StreamsEndInTheirTask(),
             ServerTracer(provider, untraced=PUBLIC_SERVICES, shutting_down=servicer.shutting_down),
             metrics,
             ServerRpcLogger(servicer.shutting_down),

@@ -204,8 +204,9 @@ def budgeted(handler: grpc.RpcMethodHandler, budget: Budget) -> grpc.RpcMethodHa
             with budget.slot() as granted:
                 if not granted:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
-                async for reply in behaviour(request_or_iterator, context):
-                    yield reply
+                async with contextlib.aclosing(behaviour(request_or_iterator, context)) as replies:
+                    async for reply in replies:
+                        yield reply
 
         return stream if response_streaming else unary
 

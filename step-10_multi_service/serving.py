@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from auth import ServerAuthenticator, token_problem
 from health import HEALTH_SERVICE, HealthService
+from interceptors import StreamsEndInTheirTask
 from metrics import ServerMetrics, serving_metrics
 from rpc_log import ServerRpcLogger
 from settings import ServerSettings, configure_logging
@@ -90,7 +91,9 @@ def build_server(
     """A server with every service registered and its port bound (not started yet)."""
     server = grpc.aio.server(
         # Run around every RPC, first one outermost (README, "The chain").
+        # StreamsEndInTheirTask first: around every other interceptor.
         interceptors=[
+            StreamsEndInTheirTask(),
             ServerTracer(provider, untraced=PUBLIC_SERVICES, shutting_down=servicer.shutting_down),
             metrics,
             ServerRpcLogger(servicer.shutting_down, logging.getLogger(f"{service.name}.rpc")),

@@ -12,6 +12,7 @@ kind: no call site adds them by hand, so none can forget or forge them. grpc.aio
 call in a context of its own, so concurrent calls never see each other's values.
 """
 
+import contextlib
 import re
 import uuid
 from contextvars import ContextVar
@@ -68,8 +69,9 @@ class ServerRequestIds(grpc.aio.ServerInterceptor):
 
             async def stream(request_or_iterator, context):
                 await context.send_initial_metadata(answer)
-                async for reply in behaviour(request_or_iterator, context):
-                    yield reply
+                async with contextlib.aclosing(behaviour(request_or_iterator, context)) as replies:
+                    async for reply in replies:
+                        yield reply
 
             return stream if response_streaming else unary
 

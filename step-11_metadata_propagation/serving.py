@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from auth import ServerAuthenticator, token_problem
 from health import HEALTH_SERVICE, HealthService
+from interceptors import StreamsEndInTheirTask
 from metrics import ServerMetrics, serving_metrics
 from propagation import ServerRequestIds
 from rpc_log import ServerRpcLogger
@@ -91,7 +92,9 @@ def build_server(
     """A server with every service registered and its port bound (not started yet)."""
     server = grpc.aio.server(
         # Run around every RPC, first one outermost (README, "The chain").
+        # StreamsEndInTheirTask first: around every other interceptor.
         interceptors=[
+            StreamsEndInTheirTask(),
             ServerRequestIds(),
             ServerTracer(provider, untraced=PUBLIC_SERVICES, shutting_down=servicer.shutting_down),
             metrics,

@@ -186,9 +186,12 @@ def measured(
 
     async def stream(request_or_iterator, context):
         with Measuring(series, context, shutting_down):
-            async for reply in behaviour(counted_requests(request_or_iterator), context):
-                series.sent.inc()
-                yield reply
+            async with contextlib.aclosing(
+                behaviour(counted_requests(request_or_iterator), context)
+            ) as replies:
+                async for reply in replies:
+                    series.sent.inc()
+                    yield reply
 
     return stream if response_streaming else unary
 

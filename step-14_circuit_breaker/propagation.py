@@ -13,6 +13,7 @@ server's own work: no call site adds them by hand, so none can forget or forge t
 call in a context of its own, so concurrent calls never see each other's values.
 """
 
+import contextlib
 import re
 import time
 import uuid
@@ -96,8 +97,9 @@ class ServerRequestIds(grpc.aio.ServerInterceptor):
             async def stream(request_or_iterator, context):
                 remember_the_deadline(context)
                 context.set_trailing_metadata(answer)
-                async for reply in behaviour(request_or_iterator, context):
-                    yield reply
+                async with contextlib.aclosing(behaviour(request_or_iterator, context)) as replies:
+                    async for reply in replies:
+                        yield reply
 
             return stream if response_streaming else unary
 

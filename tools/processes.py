@@ -6,6 +6,7 @@ From step 10 on a step has several services: `StepServices` starts each one the 
 dependencies first, and points the later ones at the earlier ones' addresses.
 """
 
+import contextlib
 import os
 import queue
 import random
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,83 @@ def free_port() -> int:
                 continue  # taken: another try
             return sock.getsockname()[1]
     raise RuntimeError("no free port on 127.0.0.1")
+
+
+# The signals that ask a tool to stop: Ctrl-C, `kill`, a closed terminal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM and SIGHUP stop this tool as Ctrl-C does (KeyboardInterrupt), so every
+    `with` block and `finally` unwinds and stops the processes the tool started: without
+    this, `kill` ends the tool at once and leaves its children running. Further signals
+    are ignored while it cleans up, which is bounded (each process gets 10 s, then
+    SIGKILL), so a second Ctrl-C cannot cut the clean-up short."""
+
+    def interrupt(signum, frame):
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, interrupt)
+
+
+class ToolError(RuntimeError):
+    """What stops a tool, in one line that says what to do: printed without a traceback."""
+
+
+def require_free_port(port: int, what: str, option: str = "--port") -> None:
+    """Fail with a one-line ToolError when something already listens on loopback `port`:
+    a program started there would fail, or (Tansu, Envoy) seem to start while its callers
+    reach the other one."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise ToolError(
+                f"port {port} is taken (another {what}?): stop that one, or choose another "
+                f"port with {option}"
+            ) from None
+
+
+def run_tool(main_function, argv: list[str] | None = None, stopped: int = 0) -> int:
+    """Run a tool's `main(argv)` the way every tool of tools/ stops: SIGINT, SIGTERM and
+    SIGHUP stop it and what it started, and it exits with `stopped` (0 for a tool that runs
+    until it is stopped, 130 for one whose work was cut short); a ToolError is one line on
+    stderr and exit 1."""
+    stop_on_signals()
+    name = Path(sys.argv[0]).name
+    try:
+        return main_function(argv)
+    except KeyboardInterrupt:
+        return stopped
+    except ToolError as error:
+        print(f"{name}: {error}", file=sys.stderr, flush=True)
+        return 1
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM to the process group `process` leads (started with start_new_session=True):
+    the process and everything it started; SIGKILL to whatever is left after `timeout`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while group_alive(process.pid) and time.monotonic() < deadline:
+        process.poll()  # reaps the leader once it exits (a zombie still counts)
+        time.sleep(0.05)  # polling a condition, not waiting for time to pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` is left (zombies included)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class ServerProcess:

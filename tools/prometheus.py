@@ -4,6 +4,9 @@ deploy/ configuration, scraping servers the caller started, with its own port an
     with PrometheusProcess(step_dir / "deploy", {"greeter:9464": metrics_address}) as prom:
         prom.query('sum(grpc_server_handled_total)')
 
+    cd step-08_prometheus && python ../tools/prometheus.py greeter:9464=127.0.0.1:9464
+        # one for a learner, on http://127.0.0.1:9090, until Ctrl-C
+
 Prometheus answers a query about its first scrape ~5.5 s after it starts (a fixed reload
 throttle, whatever the scrape interval): callers poll `query` until the answer is there.
 """
@@ -11,6 +14,7 @@ throttle, whatever the scrape interval): callers poll `query` until the answer i
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -18,7 +22,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from tools.processes import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
+from tools.processes import ToolError, free_port, require_free_port, run_tool
 
 INSTALL_HINT = "sudo apt-get install prometheus (Debian/Ubuntu), brew install prometheus (macOS)"
 
@@ -28,7 +33,9 @@ class PrometheusProcess:
     beside it), each `targets` key replaced by its value, scraping and evaluating its rules
     every second."""
 
-    def __init__(self, deploy_dir: Path, targets: dict[str, str], ready_timeout: float = 30.0):
+    def __init__(
+        self, deploy_dir: Path, targets: dict[str, str], ready_timeout: float = 30.0, port: int = 0
+    ):
         binary = shutil.which("prometheus")
         if binary is None:
             raise RuntimeError(f"needs `prometheus`: {INSTALL_HINT}")
@@ -42,7 +49,7 @@ class PrometheusProcess:
         config = config.replace("scrape_interval: 15s", "scrape_interval: 1s")
         config = config.replace("evaluation_interval: 15s", "evaluation_interval: 1s")
         (self.directory / "prometheus.yml").write_text(config)
-        self.url = f"http://127.0.0.1:{free_port()}"
+        self.url = f"http://127.0.0.1:{port or free_port()}"
         self._log = (self.directory / "prometheus.log").open("w")
         self.process = subprocess.Popen(
             [
@@ -133,3 +140,33 @@ class PrometheusProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Prometheus with deploy/ of the step folder you are in, on loopback."
+    )
+    parser.add_argument(
+        "targets", nargs="+", metavar="NAME:PORT=HOST:PORT", help="prometheus.yml's target=address"
+    )
+    parser.add_argument("--port", type=int, default=9090)
+    args = parser.parse_args(argv)
+    deploy_dir = Path.cwd() / "deploy"
+    if not (deploy_dir / "prometheus.yml").exists():
+        raise ToolError("no deploy/prometheus.yml here: run it from a step folder (08 on)")
+    require_free_port(args.port, "prometheus")
+    targets = dict(pair.split("=", 1) for pair in args.targets)
+    try:
+        prometheus = PrometheusProcess(deploy_dir, targets, port=args.port)
+    except RuntimeError as error:
+        raise ToolError(str(error)) from None
+    with prometheus:
+        print(f"prometheus on {prometheus.url}; Ctrl-C stops it", flush=True)
+        prometheus.process.wait()
+    raise ToolError(f"prometheus exited on its own with {prometheus.process.returncode}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.processes import run_tool, stop_process_group
 from tools.steps import ROOT, select_steps
 
 
@@ -40,11 +41,22 @@ class Run:
         return self.failed == 0 and not self.problem
 
 
+RUNNING: set[subprocess.Popen] = set()  # the pytest processes running now
+
+
+def stop_running() -> None:
+    """Stop every pytest still running, and all that each one started."""
+    for process in list(RUNNING):
+        stop_process_group(process)
+
+
 def run_pytest(run: Run, ci: bool) -> Run:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         started = time.monotonic()
-        result = subprocess.run(
+        # A process group of its own: stopping the runner stops each pytest and every
+        # server, broker and proxy its tests started (stop_running).
+        process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -56,11 +68,17 @@ def run_pytest(run: Run, ci: bool) -> Run:
             ],
             cwd=run.directory,
             stdin=subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
+        RUNNING.add(process)
+        try:
+            run.output, _ = process.communicate()
+        finally:
+            RUNNING.discard(process)
         run.seconds = time.monotonic() - started
-        run.output = result.stdout + result.stderr
         if report.exists():
             suite = ET.parse(report).getroot()
             suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
@@ -68,10 +86,10 @@ def run_pytest(run: Run, ci: bool) -> Run:
             run.failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
             run.skipped = int(suite.get("skipped", 0))
             run.passed = total - run.failed - run.skipped
-    if result.returncode == 5 or run.passed + run.failed + run.skipped == 0:
+    if process.returncode == 5 or run.passed + run.failed + run.skipped == 0:
         run.problem = "no tests ran"
-    elif result.returncode != 0 and run.failed == 0:
-        run.problem = f"pytest exited with {result.returncode}"
+    elif process.returncode != 0 and run.failed == 0:
+        run.problem = f"pytest exited with {process.returncode}"
     elif ci and run.skipped:
         run.problem = f"{run.skipped} skipped (CI=true: every test must run)"
     return run
@@ -113,9 +131,17 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     steps = select_steps(args.steps, args.root)
     runs = [Run(step.name, step.path) for step in steps]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
         for finished in as_completed([pool.submit(run_pytest, r, ci) for r in runs]):
             print_line(finished.result())
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (run_tool)
+        print("stopping the test runs ...", flush=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        stop_running()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     repo_tests = args.root / "tests"
     if not args.steps and repo_tests.is_dir():  # the repo-level tests belong to a full run only
         runs.append(print_line(run_pytest(Run("tests (repo)", repo_tests), ci)))
@@ -128,4 +154,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_tool(main, sys.argv[1:], stopped=130))

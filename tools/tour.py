@@ -26,7 +26,7 @@ from tools import dashboards
 from tools.broker import KafkaBroker, S3Server
 from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
-from tools.processes import StepServices, demo_environment, run_script
+from tools.processes import StepServices, demo_environment, run_script, run_tool
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
 from tools.steps import ROOT, Step, select_steps
 
@@ -672,4 +672,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_tool(main, sys.argv[1:], stopped=130))

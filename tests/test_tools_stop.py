@@ -1,0 +1,217 @@
+"""Every tool stops what it started, whatever stops it: SIGINT (Ctrl-C), SIGTERM (`kill`) or
+SIGHUP (a closed terminal) leave no process behind, and a tool that cannot start says why in
+one line and exits non-zero, without a traceback. Each tool runs as a learner runs it, in a
+session of its own, so the test can see every process it started."""
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.helpers import wait_until
+from tools.processes import ServerProcess, demo_environment, free_port, group_alive
+from tools.steps import ROOT
+
+STOPS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+STEP_08 = ROOT / "step-08_prometheus"
+STEP_17 = ROOT / "step-17_versioned_canary"
+
+
+def family(pid: int) -> set[int]:
+    """`pid` and every process below it, now."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        found.add(current := todo.pop())
+        todo += children.get(current, [])
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def start_tool(args: list[str], cwd: Path, ready: str, timeout: float = 30) -> subprocess.Popen:
+    """`python tools/NAME args` in a session of its own, once it has printed `ready`."""
+    process = subprocess.Popen(
+        [sys.executable, *args],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while ready not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or process.poll() is not None:
+            stop_group(process)
+            pytest.fail(f"{args}: no {ready!r} within {timeout}s:\n{seen}")
+        if select.select([process.stdout], [], [], left)[0]:
+            seen += process.stdout.readline()
+    return process
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """What a test does when a tool fails it: nothing of the tool's may outlive the test."""
+    if group_alive(process.pid):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def assert_stops_everything(process: subprocess.Popen, stop: signal.Signals, expected_code: int):
+    started = family(process.pid)
+    try:
+        assert len(started) > 1, "the tool had started nothing yet"
+        process.send_signal(stop)  # to the tool alone, as `kill` does
+        assert process.wait(30) == expected_code
+        wait_until(
+            lambda: not any(running(pid) for pid in started) and not group_alive(process.pid),
+            timeout=10,
+            message="every process the tool started, and its whole group, to end",
+        )
+    finally:
+        stop_group(process)
+
+
+@pytest.mark.parametrize("stop", STOPS, ids=lambda s: s.name)
+def test_the_broker_tool_stops_tansu_and_moto(stop):
+    port = free_port()
+    tool = start_tool(["tools/broker.py", "--port", str(port)], ROOT, f"kafka on 127.0.0.1:{port}")
+    assert_stops_everything(tool, stop, expected_code=0)
+
+
+@pytest.mark.parametrize("stop", STOPS, ids=lambda s: s.name)
+def test_the_prometheus_tool_stops_prometheus(stop):
+    port = free_port()
+    tool = start_tool(
+        ["../tools/prometheus.py", "--port", str(port), "greeter:9464=127.0.0.1:1"],
+        STEP_08,
+        f"prometheus on http://127.0.0.1:{port}",
+    )
+    assert_stops_everything(tool, stop, expected_code=0)
+
+
+@pytest.fixture(scope="module")
+def step_17_with_certs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A folder like step 17's for tools/envoy.py (deploy/envoy.yaml and certs/), and the
+    settings that give a Greeter the same certificates."""
+    folder = tmp_path_factory.mktemp("step-17")
+    (folder / "deploy").mkdir()
+    (folder / "deploy" / "envoy.yaml").write_text((STEP_17 / "deploy" / "envoy.yaml").read_text())
+    return folder, demo_environment(STEP_17, folder)
+
+
+@pytest.mark.parametrize("stop", STOPS, ids=lambda s: s.name)
+def test_the_envoy_tool_stops_envoy(stop, step_17_with_certs):
+    folder, env = step_17_with_certs
+    with ServerProcess(STEP_17, env=env) as greeter:
+        port = free_port()
+        upstreams = [f"{name}={greeter.address}" for name in ("greeter", "greeter-2", "greeter-3")]
+        envoy = [
+            str(ROOT / "tools/envoy.py"),
+            "--port",
+            str(port),
+            "--admin-port",
+            str(free_port()),
+        ]
+        tool = start_tool([*envoy, *upstreams], folder, f"envoy on 127.0.0.1:{port}")
+        assert_stops_everything(tool, stop, expected_code=0)
+
+
+def run_tool_to_its_end(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess, *parts: str) -> None:
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr, result.stderr
+    [line] = result.stderr.splitlines()
+    for part in parts:
+        assert part in line, line
+
+
+def test_a_tool_on_a_port_that_is_taken_says_so_in_one_line(step_17_with_certs):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        broker = run_tool_to_its_end(["tools/broker.py", "--port", port], ROOT)
+        prometheus = run_tool_to_its_end(
+            ["../tools/prometheus.py", "--port", port, "greeter:9464=127.0.0.1:1"], STEP_08
+        )
+        envoy = run_tool_to_its_end(
+            [str(ROOT / "tools/envoy.py"), "--port", port, "greeter=127.0.0.1:1"],
+            step_17_with_certs[0],
+        )
+    for result in (broker, prometheus, envoy):
+        assert_one_line(result, f"port {port} is taken", "--port")
+
+
+def test_envoy_whose_upstream_is_down_names_it_in_one_line(step_17_with_certs):
+    folder, env = step_17_with_certs
+    down = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with ServerProcess(STEP_17, env=env) as greeter:
+        upstreams = {"greeter": greeter.address, "greeter-2": down, "greeter-3": greeter.address}
+        result = run_tool_to_its_end(
+            [str(ROOT / "tools/envoy.py"), "--port", str(free_port()), "--admin-port"]
+            + [str(free_port()), "--wait", "2"]
+            + [f"{name}={address}" for name, address in upstreams.items()],
+            folder,
+        )
+    assert_one_line(result, f"greeter-2 at {down}: no health check passed within 2s")
+
+
+def test_the_tour_stops_the_servers_and_the_broker_of_the_step_it_is_in():
+    tour = start_tool(["tools/tour.py", "16"], ROOT, "listening on")
+    assert_stops_everything(tour, signal.SIGTERM, expected_code=130)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_the_test_runner_stops_each_pytest_and_what_its_tests_started(tmp_path, stop):
+    """A step whose test has started a server (here: a process that would run for 10
+    minutes) and waits: stopping the runner stops pytest and that process too."""
+    started = tmp_path / "started"
+    step = tmp_path / "step-01_one"
+    step.mkdir()
+    (step / "test_waits.py").write_text(
+        "import subprocess, sys, time\n\n\n"
+        "def test_waits():\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"    open({str(started)!r}, 'w').close()\n"
+        "    time.sleep(600)\n"
+    )
+    runner = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools/run_tests.py"), "--root", str(tmp_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(started.exists, timeout=30, message="the test to start its process")
+        wait_until(lambda: len(family(runner.pid)) >= 3, message="pytest and its process")
+    except BaseException:
+        stop_group(runner)
+        raise
+    assert_stops_everything(runner, stop, expected_code=130)
