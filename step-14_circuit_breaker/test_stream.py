@@ -113,6 +113,12 @@ async def test_server_stops_streaming_as_soon_as_the_client_cancels(start_server
 CANCELLED_STREAMS = 50
 
 
+def unexpected_lines(output: str) -> str:
+    """The server's lines but those of a cancelled stream: what a failure has to show."""
+    expected = ("cancelled by the client", "code=CANCELLED")
+    return "\n".join(line for line in output.splitlines() if not any(e in line for e in expected))
+
+
 async def test_streams_cancelled_right_after_their_first_reply_are_each_logged_once(server_process):
     """A client that cancels as soon as the first reply is in, over a real connection to a
     server process: the cancel reaches the server either while the handler waits or while
@@ -137,12 +143,12 @@ async def test_streams_cancelled_right_after_their_first_reply_are_each_logged_o
     found = {
         "errors": output.count(" ERROR "),
         "tracebacks": output.count("Traceback"),
-        "cancelled": output.count("StreamGreetings cancelled by the client after 1 of"),
+        "cancelled": output.count("StreamGreetings cancelled by the client after "),
         "rpc lines": output.count("/greeter.v1.Greeter/StreamGreetings code=CANCELLED"),
     }
     print(f"FIGURES cancelled_streams {found}")
     expected = {"cancelled": CANCELLED_STREAMS, "rpc lines": CANCELLED_STREAMS}
-    assert found == {"errors": 0, "tracebacks": 0, **expected}, output
+    assert found == {"errors": 0, "tracebacks": 0, **expected}, unexpected_lines(output)
 
 
 async def test_a_stream_ended_by_its_deadline_is_logged_as_such():
