@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import grpc
 
+import keepalive
 from auth import TOKEN_VARIABLE, client_auth_interceptors, unsendable_token_problem, user_id_problem
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from rpc_log import ClientRpcLogger
@@ -167,6 +168,7 @@ async def run(args: argparse.Namespace) -> None:
         args.target,
         channel_credentials(args.ca, args.cert, args.key),
         interceptors=[*rpc_logger.interceptors(), *credentials],
+        options=keepalive.CLIENT_OPTIONS,
     )
     try:
         async with channel:

@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+import keepalive
 from auth import TOKEN_VARIABLE, ServerAuthenticator, token_problem
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from health import HEALTH_SERVICE, HealthService
@@ -74,6 +75,7 @@ def build_server(
             # gRPC enables SO_REUSEPORT by default: a second server on the same port would
             # start "fine" and silently share the traffic. Fail loudly instead.
             ("grpc.so_reuseport", 0),
+            *keepalive.server_options(settings.keepalive_time, settings.permit_keepalive_time),
         ],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )

@@ -84,6 +84,21 @@ class Settings:
         "seconds to keep serving after health turns NOT_SERVING on shutdown",
         parse=seconds,
     )
+    # Keepalive (keepalive.py): the server pings a client that has been silent this long, and
+    # accepts the client's own pings this often at most.
+    keepalive_time: float = option(
+        60.0,
+        "GREETER_KEEPALIVE_TIME",
+        "seconds of silence after which the server pings a client to check it is still there",
+        parse=positive_seconds,
+    )
+    permit_keepalive_time: float = option(
+        10.0,
+        "GREETER_PERMIT_KEEPALIVE_TIME",
+        "the shortest interval between a client's pings the server accepts; a client that "
+        "pings more often is sent away (GOAWAY too_many_pings)",
+        parse=positive_seconds,
+    )
     stream_interval: float = option(
         0.5,
         "GREETER_STREAM_INTERVAL",

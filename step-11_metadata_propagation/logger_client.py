@@ -16,6 +16,7 @@ import grpc
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Counter
 
+import keepalive
 from auth import client_auth_interceptors
 from logger.v1 import logger_pb2, logger_pb2_grpc
 from metrics import GO_CODE_NAMES, ClientMetrics
@@ -100,7 +101,10 @@ async def connected_greeting_log(
     channel = grpc.aio.secure_channel(
         settings.logger_target,
         credentials,
-        options=[("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)],
+        options=[
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+            *keepalive.CLIENT_OPTIONS,
+        ],
         # Outermost first: the span covers the whole call, the metrics time it, and the
         # metadata is added last: the caller's user id and request id, and the Logger's token.
         interceptors=[

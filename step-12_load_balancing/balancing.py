@@ -12,6 +12,8 @@ Targets (gRPC's name syntax, https://github.com/grpc/grpc/blob/master/doc/naming
 
 import json
 
+import keepalive
+
 SERVED_BY_KEY = "x-served-by"
 
 # gRPC's service config (https://github.com/grpc/grpc/blob/master/doc/service_config.md):
@@ -43,6 +45,7 @@ def channel_options(target: str) -> list[tuple[str, object]]:
     options: list[tuple[str, object]] = [
         ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        *keepalive.CLIENT_OPTIONS,  # pings after 20 s of silence (keepalive.py)
     ]
     if authority := tls_authority(target):
         options.append(("grpc.default_authority", authority))

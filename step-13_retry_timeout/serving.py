@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+import keepalive
 from auth import ServerAuthenticator, token_problem
 from balancing import SERVED_BY_KEY
 from health import HEALTH_SERVICE, HealthService
@@ -154,6 +155,7 @@ def build_server(
             # gRPC enables SO_REUSEPORT by default: a second server on the same port would
             # start "fine" and silently share the traffic. Fail loudly instead.
             ("grpc.so_reuseport", 0),
+            *keepalive.server_options(settings.keepalive_time, settings.permit_keepalive_time),
         ],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )

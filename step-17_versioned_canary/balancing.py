@@ -12,6 +12,7 @@ Targets (gRPC's name syntax, https://github.com/grpc/grpc/blob/master/doc/naming
 
 import json
 
+import keepalive
 from retries import method_config
 
 SERVED_BY_KEY = "x-served-by"
@@ -48,6 +49,7 @@ def channel_options(target: str, retried: list[dict] = ()) -> list[tuple[str, ob
     options: list[tuple[str, object]] = [
         ("grpc.service_config", json.dumps(config)),
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        *keepalive.CLIENT_OPTIONS,  # pings after 20 s of silence (keepalive.py)
     ]
     if authority := tls_authority(target):
         options.append(("grpc.default_authority", authority))
