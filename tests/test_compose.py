@@ -6,6 +6,7 @@ works against real servers."""
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +25,21 @@ COMPOSE_STEPS = [s for s in all_steps() if (s.path / "deploy" / "prometheus.yml"
 STEP_IDS = [s.label for s in COMPOSE_STEPS]
 
 
-def compose_config(step_name: str) -> dict:
+# What the head of docker-compose.yml has a learner export.
+VALIDATION_ENV = {
+    "GREETER_AUTH_TOKEN": "a-token-for-validation",
+    "HOST_UID": str(os.getuid()),
+    "HOST_GID": str(os.getgid()),
+}
+
+
+def compose_config(step_name: str, env: dict[str, str] | None = None) -> dict:
     result = subprocess.run(
         [str(COMPOSE), "-f", "docker-compose.yml", "config", "--format", "json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, "STEP": step_name, "GREETER_AUTH_TOKEN": "a-token-for-validation"},
+        env={**os.environ, "STEP": step_name, **VALIDATION_ENV, **(env or {})},
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -137,8 +146,16 @@ def test_grafana_is_provisioned_from_the_mounted_step():
     assert (host_path(dashboards) / "greeter.json").exists()
 
 
-def test_compose_refuses_to_start_the_greeter_without_a_token():
-    env = {k: v for k, v in os.environ.items() if k != "GREETER_AUTH_TOKEN"}
+@pytest.mark.parametrize(
+    ("unset", "message"),
+    [
+        ("GREETER_AUTH_TOKEN", "set GREETER_AUTH_TOKEN"),
+        ("HOST_UID", "export HOST_UID and HOST_GID"),
+    ],
+)
+def test_compose_refuses_to_start_without_a_token_or_the_user_to_run_as(unset, message):
+    env = {**os.environ, **VALIDATION_ENV}
+    del env[unset]
     result = subprocess.run(
         [str(COMPOSE), "-f", "docker-compose.yml", "config", "-q"],
         cwd=ROOT,
@@ -147,7 +164,47 @@ def test_compose_refuses_to_start_the_greeter_without_a_token():
         env=env,
     )
     assert result.returncode != 0
-    assert "set GREETER_AUTH_TOKEN" in result.stderr
+    assert message in result.stderr
+
+
+def can_read(path: Path, user: str) -> bool:
+    """Whether `user` ("UID:GID", as compose's `user:`) may read `path`, from its mode and
+    owner alone: this machine does not enforce permissions, and root reads everything."""
+    uid, gid = (int(part) for part in user.split(":"))
+    info = path.stat()
+    if uid == info.st_uid:
+        return bool(info.st_mode & stat.S_IRUSR)
+    if gid == info.st_gid:
+        return bool(info.st_mode & stat.S_IRGRP)
+    return bool(info.st_mode & stat.S_IROTH)
+
+
+def test_every_service_that_mounts_the_keys_can_read_them(tmp_path):
+    """gen_certs.sh makes the keys readable by their owner only, and a Linux bind mount keeps
+    the owner: a container of another user (the image's own, uid 10001; Envoy's, 101) could
+    not read server.key. Each service that mounts certs/ runs as the user the head of
+    docker-compose.yml exports: the one who made them."""
+    step = all_steps()[-1]
+    certs = tmp_path / "certs"
+    subprocess.run(
+        ["bash", str(step.path / "gen_certs.sh"), str(certs)], check=True, capture_output=True
+    )
+    made_by = f"{certs.stat().st_uid}:{certs.stat().st_gid}"
+    config = compose_config(
+        step.name, {"HOST_UID": made_by.split(":")[0], "HOST_GID": made_by.split(":")[1]}
+    )
+    mounting = {
+        name: service
+        for name, service in config["services"].items()
+        if any(Path(v["source"]).name == "certs" for v in service.get("volumes", []))
+    }
+    assert {"greeter", "greeter-2", "greeter-3", "logger", "logger-2", "envoy"} <= set(mounting)
+    for name, service in mounting.items():
+        assert service.get("user") == made_by, name
+        for needed in ("server.key", "server.crt", "ca.crt"):
+            assert can_read(certs / needed, service["user"]), f"{name} cannot read {needed}"
+    # The image's own user could not, which is why: the check can fail.
+    assert not can_read(certs / "server.key", "10001:10001")
 
 
 def test_everything_the_dockerfile_copies_exists():
