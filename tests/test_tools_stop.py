@@ -215,3 +215,8 @@ def test_the_test_runner_stops_each_pytest_and_what_its_tests_started(tmp_path, 
         stop_group(runner)
         raise
     assert_stops_everything(runner, stop, expected_code=130)
+
+
+def test_a_step_the_bench_serves_stops_with_its_servers_on_sighup():
+    bench = start_tool(["tools/bench.py", "serve", "06"], ROOT, "Ctrl-C stops the step.")
+    assert_stops_everything(bench, signal.SIGHUP, expected_code=0)

@@ -43,7 +43,7 @@ from tools.bench_chart import draw as draw_chart
 from tools.broker import KafkaBroker
 from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
-from tools.processes import ServerProcess, StepServices, demo_environment
+from tools.processes import STOP_SIGNALS, ServerProcess, StepServices, demo_environment, run_tool
 from tools.steps import ROOT, Step, find_step, select_steps
 
 CONCURRENCY = (16, 64)
@@ -384,7 +384,7 @@ def serve(step: Step) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
         with step_servers(step, Path(workdir)) as running:
             # Blocked only now: the servers are started, and a child inherits the mask.
-            stop = {signal.SIGINT, signal.SIGTERM}
+            stop = set(STOP_SIGNALS)  # Ctrl-C, SIGTERM, SIGHUP
             signal.pthread_sigmask(signal.SIG_BLOCK, stop)
             for name, pid in zip(running.names, running.pids, strict=True):
                 print(f"{name}: pid {pid}")
@@ -623,4 +623,4 @@ def medians(samples: dict[str, list[Sample]]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_tool(main, sys.argv[1:], stopped=130))
