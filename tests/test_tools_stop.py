@@ -56,19 +56,19 @@ def start_tool(args: list[str], cwd: Path, ready: str, timeout: float = 30) -> s
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        bufsize=0,  # what select() sees is all there is: no lines waiting in a buffer
         start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    seen = ""
+    seen = b""
     deadline = time.monotonic() + timeout
-    while ready not in seen:
+    while ready.encode() not in seen:
         left = deadline - time.monotonic()
         if left <= 0 or process.poll() is not None:
             stop_group(process)
-            pytest.fail(f"{args}: no {ready!r} within {timeout}s:\n{seen}")
+            pytest.fail(f"{args}: no {ready!r} within {timeout}s:\n{seen.decode()}")
         if select.select([process.stdout], [], [], left)[0]:
-            seen += process.stdout.readline()
+            seen += os.read(process.stdout.fileno(), 65536)
     return process
 
 
