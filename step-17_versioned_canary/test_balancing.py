@@ -59,7 +59,12 @@ def three_greeters():
     """Three Greeter replicas (and a Logger), each draining 1 s before it stops: the time
     a client needs to see NOT_SERVING (a health Watch tells it within milliseconds)."""
     with StepServices(
-        STEP_DIR, replicas={"greeter": 3}, args={"greeter": ("--drain-delay", "1")}
+        STEP_DIR,
+        replicas={"greeter": 3},
+        args={"greeter": ("--drain-delay", "1")},
+        # The Logger gets all the time it needs: the tests count entries, and on a loaded
+        # machine a report can take longer than the default 0.5 s (and be left out).
+        env={"GREETER_LOGGER_TIMEOUT": "5"},
     ) as services:
         yield services
 
