@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ToolError("no certs/ here: make them first with ./gen_certs.sh")
     require_free_port(args.port, "envoy")
     require_free_port(args.admin_port, "envoy's admin", "--admin-port")
+    names = ", ".join(upstreams)
+    print(f"envoy: waiting up to {args.wait:.0f} s for {names} to pass a health check", flush=True)
     try:
         envoy = EnvoyProcess(
             step_dir, step_dir / "certs", upstreams, args.port, args.admin_port, args.wait
