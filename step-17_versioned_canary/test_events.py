@@ -11,7 +11,6 @@ import re
 import signal
 import time
 
-import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -153,74 +152,6 @@ async def test_a_broker_that_is_down_costs_no_greeting_and_loses_no_event(
     }
     assert len(ids) == 12  # every accepted event, each counted once
     print(f"FIGURES broker_down greetings=12 max_ms={max(durations) * 1000:.1f} counted=12")
-
-
-# How long after a broker's restart every event is counted (README, "The events after a
-# broker restart"): a consumer in the group must rejoin it, which takes up to ~20 s.
-RESTART_BOUND_SECONDS = 30
-
-
-@pytest.mark.parametrize("assignment", ["all", "group"])
-async def test_a_broker_restarted_while_greetings_flow_loses_and_doubles_nothing(
-    broker, start_server, start_logger, assignment
-):
-    """Greetings go on while the broker stops and starts again: every event is published,
-    and the Logger counts each once within the bound, whatever it was delivered again."""
-    logger = await start_logger(
-        kafka_bootstrap_servers=broker.bootstrap, events_assignment=assignment
-    )
-    greeter = await start_server(
-        logger_target=logger.address, kafka_bootstrap_servers=broker.bootstrap
-    )
-    greeted = 0
-    flowing = asyncio.Event()
-
-    async def keep_greeting() -> None:
-        nonlocal greeted
-        async with open_channel(greeter.address) as channel:
-            stub = greeter_pb2_grpc.GreeterStub(channel)
-            while not flowing.is_set():
-                await stub.SayHello(Request(name="Ada"), timeout=5)
-                greeted += 1
-
-    greeting = asyncio.create_task(keep_greeting())
-    await eventually(lambda: greeted >= 10, message="10 greetings before the restart")
-    await wait_until_counted(logger, at_least=1)  # the consumer reads before the restart
-    await asyncio.to_thread(broker.stop)  # the greetings go on meanwhile
-    before = greeted
-    await eventually(lambda: greeted >= before + 10, message="10 greetings while it is down")
-    await asyncio.to_thread(broker.start)
-    back = time.monotonic()
-    after = greeted
-    await eventually(lambda: greeted >= after + 10, message="10 greetings after the restart")
-    flowing.set()
-    await greeting
-
-    async def every_one_counted() -> bool:
-        counted = await metric(logger.metrics_address, "logger_events_processed_total")
-        assert counted <= greeted, f"{counted} counted for {greeted} greetings"
-        return counted == greeted
-
-    await eventually(
-        every_one_counted,
-        timeout=RESTART_BOUND_SECONDS,
-        interval=0.1,
-        message=f"{greeted} events counted",
-    )
-    samples = await scrape(greeter.metrics_address)
-    assert value(samples, "greeter_events_published_total") == greeted
-    repeated = await metric(logger.metrics_address, "logger_events_repeated_total")
-    print(
-        f"FIGURES broker_restart assignment={assignment} greetings={greeted} "
-        f"counted_after={time.monotonic() - back:.1f}s repeated={repeated:.0f}"
-    )
-
-
-async def wait_until_counted(logger, at_least: int) -> None:
-    async def counted() -> bool:
-        return await metric(logger.metrics_address, "logger_events_processed_total") >= at_least
-
-    await eventually(counted, timeout=RESTART_BOUND_SECONDS, message=f"{at_least} counted")
 
 
 async def test_a_full_outbox_drops_and_counts_what_it_cannot_keep(
