@@ -1,6 +1,7 @@
 """Every tool stops what it started, whatever stops it: SIGINT (Ctrl-C), SIGTERM (`kill`) or
 SIGHUP (a closed terminal) leave no process behind, and a tool that cannot start says why in
-one line and exits non-zero, without a traceback. Each tool runs as a learner runs it, in a
+one line and exits non-zero, without a traceback. (The trace receiver, which starts no
+process, prints its traces and frees its port.) Each tool runs as a learner runs it, in a
 session of its own, so the test can see every process it started."""
 
 import os
@@ -13,6 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import SpanKind
 
 from tests.support.helpers import wait_until
 from tools.processes import ServerProcess, demo_environment, free_port, group_alive
@@ -60,15 +66,11 @@ def start_tool(args: list[str], cwd: Path, ready: str, timeout: float = 30) -> s
         start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while ready.encode() not in seen:
-        left = deadline - time.monotonic()
-        if left <= 0 or process.poll() is not None:
-            stop_group(process)
-            pytest.fail(f"{args}: no {ready!r} within {timeout}s:\n{seen.decode()}")
-        if select.select([process.stdout], [], [], left)[0]:
-            seen += os.read(process.stdout.fileno(), 65536)
+    try:
+        read_until(process, ready, timeout)
+    except BaseException:
+        stop_group(process)
+        raise
     return process
 
 
@@ -110,6 +112,48 @@ def test_the_prometheus_tool_stops_prometheus(stop):
         f"prometheus on http://127.0.0.1:{port}",
     )
     assert_stops_everything(tool, stop, expected_code=0)
+
+
+@pytest.mark.parametrize("stop", STOPS, ids=lambda s: s.name)
+def test_the_trace_receiver_prints_each_finished_trace_as_a_tree_and_stops(stop):
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    tool = start_tool(
+        ["tools/otlp_receiver.py", "--port", str(port), "--quiet", "0.3"],
+        ROOT,
+        f"traces on {endpoint}",
+    )
+    try:
+        provider = TracerProvider(resource=Resource.create({"service.name": "demo"}))
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint, insecure=True)))
+        tracer = provider.get_tracer("test")
+        with tracer.start_as_current_span("outer") as outer:
+            with tracer.start_as_current_span("inner", kind=SpanKind.CLIENT):
+                pass
+        provider.shutdown()
+        trace_id = format(outer.get_span_context().trace_id, "032x")
+        printed = read_until(tool, "demo: CLIENT inner")
+        assert f"trace {trace_id} (2 spans)\ndemo: INTERNAL outer " in printed, printed
+        assert "\n  demo: CLIENT inner " in printed, printed
+        tool.send_signal(stop)
+        assert tool.wait(30) == 0
+    finally:
+        stop_group(tool)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))  # free again
+
+
+def read_until(process: subprocess.Popen, text: str, timeout: float = 30) -> str:
+    """What `process` prints until `text` (the test fails after `timeout` without it)."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while text.encode() not in seen:
+        left = deadline - time.monotonic()
+        if left <= 0 or process.poll() is not None:
+            pytest.fail(f"no {text!r} within {timeout}s:\n{seen.decode()}")
+        if select.select([process.stdout], [], [], left)[0]:
+            seen += os.read(process.stdout.fileno(), 65536)
+    return seen.decode()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +208,8 @@ def test_a_tool_on_a_port_that_is_taken_says_so_in_one_line(step_17_with_certs):
             [str(ROOT / "tools/envoy.py"), "--port", port, "greeter=127.0.0.1:1"],
             step_17_with_certs[0],
         )
-    for result in (broker, prometheus, envoy):
+        receiver = run_tool_to_its_end(["tools/otlp_receiver.py", "--port", port], ROOT)
+    for result in (broker, prometheus, envoy, receiver):
         assert_one_line(result, f"port {port} is taken", "--port")
 
 

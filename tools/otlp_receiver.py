@@ -6,14 +6,27 @@ deadlock it), keeping every span it is sent.
         ... run servers with OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint ...
         receiver.spans                      # [ReceivedSpan, ...], in arrival order
         print(receiver.tree(trace_id))
+
+    python tools/otlp_receiver.py [--port 4317]   # for a learner: prints each trace, until Ctrl-C
+
+Run by hand, it prints every finished trace as a tree, a trace being finished once its root
+span has arrived and nothing of it came for QUIET_SECONDS: each process exports its spans in
+batches, at most 5 s apart (the SDK's OTEL_BSP_SCHEDULE_DELAY), so the tree is whole.
 """
 
+import argparse
+import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
+from tools.processes import ToolError, require_free_port, run_tool
 
 KINDS = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 STATUSES = {0: "UNSET", 1: "OK", 2: "ERROR"}
@@ -43,9 +56,13 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0):
         self._lock = threading.Lock()
         self._spans: list[ReceivedSpan] = []
+        self._arrived: dict[str, float] = {}  # trace id: when its latest span arrived
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self._server)
-        port = self._server.add_insecure_port(f"{host}:{port}")
+        try:
+            port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpc's "Failed to bind": the only reason on loopback
+            raise ToolError(f"cannot listen on {host}:{port}: the port is in use") from None
         self.endpoint = f"http://{host}:{port}"
         self._server.start()
 
@@ -72,6 +89,8 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                     )
         with self._lock:
             self._spans.extend(received)
+            for span in received:
+                self._arrived[span.trace_id] = time.monotonic()
         return trace_service_pb2.ExportTraceServiceResponse()
 
     @property
@@ -100,6 +119,21 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
             add(root, 0)
         return "\n".join(lines)
 
+    def finished_traces(self, quiet: float) -> list[str]:
+        """The traces whose root span arrived and of which nothing came for `quiet` seconds;
+        each is given once."""
+        now = time.monotonic()
+        with self._lock:
+            roots = {s.trace_id for s in self._spans if not s.parent_span_id}
+            finished = [
+                trace_id
+                for trace_id, arrived in self._arrived.items()
+                if trace_id in roots and now - arrived >= quiet
+            ]
+            for trace_id in finished:
+                del self._arrived[trace_id]  # a span that comes later makes it new again
+        return finished
+
     def stop(self) -> None:
         self._server.stop(None)
 
@@ -108,3 +142,39 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+QUIET_SECONDS = 6.0  # longer than the SDK's 5 s between two exports of one process
+
+
+def print_traces(receiver: OtlpReceiver, stopped: threading.Event, quiet: float) -> None:
+    """Print each trace once it is finished (see the module's docstring), until `stopped`."""
+    while not stopped.wait(0.2):  # polling the receiver, not waiting for time to pass
+        for trace_id in receiver.finished_traces(quiet):
+            spans = sum(1 for s in receiver.spans if s.trace_id == trace_id)
+            print(f"trace {trace_id} ({spans} spans)\n{receiver.tree(trace_id)}\n", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="An OTLP/gRPC trace receiver that prints traces.")
+    parser.add_argument("--port", type=int, default=4317, help="OTLP/gRPC's usual port")
+    parser.add_argument("--quiet", type=float, default=QUIET_SECONDS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    require_free_port(args.port, "trace receiver")
+    stopped = threading.Event()
+    with OtlpReceiver(port=args.port) as receiver:
+        print(
+            f"traces on {receiver.endpoint}: start the servers with "
+            f"OTEL_EXPORTER_OTLP_ENDPOINT={receiver.endpoint}; each trace is printed "
+            f"{args.quiet:.0f} s after its last span; Ctrl-C stops it",
+            flush=True,
+        )
+        try:
+            print_traces(receiver, stopped, args.quiet)
+        finally:
+            stopped.set()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
