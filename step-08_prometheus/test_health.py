@@ -139,6 +139,24 @@ def test_server_process_logs_not_serving_before_it_stops(server_process):
     assert order == sorted(order), server_process.output
 
 
+async def test_health_calls_that_go_well_leave_no_line_and_a_failed_one_does(server_process):
+    """Probes and watchers call health all day: the log keeps only the calls that failed."""
+    async with raw_channel(server_process.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for _ in range(3):
+            assert await health_status(channel) == SERVING
+        cancelled = health.Watch(HealthRequest())
+        assert (await cancelled.read()).status == SERVING
+        cancelled.cancel()
+        await rpc_error(health_status(channel, "no.such.Service"))
+        kept_open = health.Watch(HealthRequest())
+        assert (await kept_open.read()).status == SERVING
+        assert await asyncio.to_thread(server_process.stop) == 0  # it ends the open Watch
+    lines = [line for line in server_process.output.splitlines() if "grpc.health.v1.Health/" in line]
+    assert len(lines) == 1, server_process.output
+    assert "/grpc.health.v1.Health/Check code=NOT_FOUND" in lines[0]
+
+
 def grpcurl(address: str, *args: str, data: str | None = None) -> subprocess.CompletedProcess:
     """The real grpcurl, trusting the test CA: `grpcurl [-d data] address args...`."""
     flags = [

@@ -35,6 +35,14 @@ SERVER_FAULTS = {
     grpc.StatusCode.UNIMPLEMENTED,
 }
 
+# Health calls that went as they should: a load balancer, a Kubernetes probe or a client
+# watching (step 12) makes them all day long, and a line for each would drown the lines that
+# matter. From step 08 on, metrics count them; only their failures are logged here.
+ROUTINE = {
+    "/grpc.health.v1.Health/Check": {grpc.StatusCode.OK},
+    "/grpc.health.v1.Health/Watch": {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED},
+}
+
 
 def log_rpc(
     log: logging.Logger,
@@ -150,6 +158,8 @@ class LineWhenDone:
 
     def __exit__(self, kind, error: BaseException | None, traceback) -> None:
         code = status_of(self.context, error, self.shutting_down)
+        if code in ROUTINE.get(self.method, ()):
+            return
         log_rpc(
             self.log,
             self.method,
