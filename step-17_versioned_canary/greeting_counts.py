@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from events.v1 import events_pb2
 from outbox import TOPIC  # the topic the Greeter publishes to: one name, in one place
+from outbox import BrokerOutage, one_line_per_outage, reason
 
 log = logging.getLogger("logger.events")
 
@@ -117,6 +118,7 @@ async def consume(
     consumer: AIOKafkaConsumer,
     counts: GreetingCounts,
     stop: asyncio.Event,
+    outage: BrokerOutage,
     for_seconds: float = float("inf"),
 ) -> None:
     """Read, count, commit, until `stop` is set (or `for_seconds` have passed): it ends
@@ -125,6 +127,8 @@ async def consume(
     while not stop.is_set() and time.monotonic() < ends:
         if (batches := await fetch_unless_stopped(consumer, stop)) is None:
             return
+        if batches and (away := outage.back()) is not None:
+            log.info("events are read again after %.1f s", away)
         for partition, records in batches.items():
             for record in records:
                 counts.process(record.key, record.value, record.headers)
@@ -160,7 +164,11 @@ async def assign_every_partition(
 
 
 async def keep_consuming(
-    bootstrap: str, assignment: str, counts: GreetingCounts, stop: asyncio.Event
+    bootstrap: str,
+    assignment: str,
+    counts: GreetingCounts,
+    stop: asyncio.Event,
+    outage: BrokerOutage,
 ) -> None:
     """Connect (again, while the broker is away) and consume, until `stop` is set;
     `assignment` "group" joins the consumer group, "all" reads every partition
@@ -176,13 +184,15 @@ async def keep_consuming(
             await consumer.start()
             if assignment == "group":
                 consumer.subscribe([TOPIC])  # Kafka assigns partitions, new ones too
-                await consume(consumer, counts, stop)
+                await consume(consumer, counts, stop, outage)
             while assignment == "all" and not stop.is_set():
                 # Every partition, looked up again now and then: a topic may gain some.
                 await assign_every_partition(consumer, bootstrap, stop)
-                await consume(consumer, counts, stop, for_seconds=PARTITIONS_CHECK_SECONDS)
+                await consume(
+                    consumer, counts, stop, outage, for_seconds=PARTITIONS_CHECK_SECONDS
+                )
         except (KafkaError, OSError) as err:
-            log.warning("events are not read: the broker: %s", err or type(err).__name__)
+            outage.went(reason(err))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), RETRY_SECONDS)  # the retry's pace
         finally:
@@ -203,13 +213,14 @@ async def counting_greetings(
     """GreetingCounts kept up to date from the topic for the block."""
     counts = GreetingCounts(remembered, registry, provider)
     stop = asyncio.Event()
-    task = asyncio.create_task(keep_consuming(bootstrap, assignment, counts, stop))
-    try:
-        yield counts
-    finally:
-        stop.set()  # the batch being counted is committed, then the consumer leaves
+    with one_line_per_outage(log, "events are not read") as outage:
+        task = asyncio.create_task(keep_consuming(bootstrap, assignment, counts, stop, outage))
         try:
-            await asyncio.wait_for(task, STOP_SECONDS)
-        except TimeoutError:
-            log.warning("the events consumer did not stop within %.0f s", STOP_SECONDS)
-        log.info("events: %d counted since start", counts.total)
+            yield counts
+        finally:
+            stop.set()  # the batch being counted is committed, then the consumer leaves
+            try:
+                await asyncio.wait_for(task, STOP_SECONDS)
+            except TimeoutError:
+                log.warning("the events consumer did not stop within %.0f s", STOP_SECONDS)
+            log.info("events: %d counted since start", counts.total)

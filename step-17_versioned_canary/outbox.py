@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -37,11 +37,72 @@ MAX_BATCH = 500  # events sent at once
 RETRY_BACKOFF_SECONDS = (0.05, 1.0)
 
 
+class BrokerOutage(logging.Handler):
+    """One line when the broker goes away, saying why, and one when it is back.
+
+    aiokafka logs each failed reconnect, tens of lines a second while the broker is away.
+    Installed on its loggers (`one_line_per_outage`), this handler turns the first warning
+    or error of an outage into one line of `log` and drops the rest until `back()`; the
+    code that talks to the broker calls `went()` on its own errors too, and `back()` once
+    events flow again. aiokafka's INFO lines (a group joined...) pass on unchanged.
+    """
+
+    def __init__(self, log: logging.Logger, what: str):
+        super().__init__()
+        self.log, self.what = log, what
+        self.away_since: float | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.went(record.getMessage())
+        else:
+            logging.getLogger().handle(record)  # where it would have gone
+
+    def went(self, reason: str) -> None:
+        """The broker cannot be reached: one line, the first time in an outage."""
+        if self.away_since is None:
+            self.away_since = time.monotonic()
+            self.log.warning("%s: the broker: %s", self.what, reason)
+
+    def back(self) -> float | None:
+        """Events flow again: how long the broker was away, or None if it was not."""
+        if self.away_since is None:
+            return None
+        away, self.away_since = time.monotonic() - self.away_since, None
+        return away
+
+
+@contextlib.contextmanager
+def one_line_per_outage(log: logging.Logger, what: str) -> Iterator[BrokerOutage]:
+    """A BrokerOutage on aiokafka's loggers for the block."""
+    outage = BrokerOutage(log, what)
+    kafka_log = logging.getLogger("aiokafka")
+    kafka_log.addHandler(outage)
+    kafka_log.propagate = False  # its lines go through `outage` only
+    try:
+        yield outage
+    finally:
+        kafka_log.removeHandler(outage)
+        kafka_log.propagate = not kafka_log.handlers
+
+
+def reason(error: BaseException) -> str:
+    """What went wrong, also for the errors whose message is empty."""
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
 class EventPublisher:
     """Publishes GreetedEvents through a bounded outbox (see the module's docstring)."""
 
-    def __init__(self, bootstrap_servers: str, capacity: int, registry: CollectorRegistry):
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        capacity: int,
+        registry: CollectorRegistry,
+        outage: BrokerOutage,
+    ):
         self._bootstrap = bootstrap_servers
+        self._outage = outage
         self._capacity = capacity
         # (key, value, headers) in the order the greetings happened.
         self._outbox: collections.deque[tuple[bytes, bytes, list]] = collections.deque()
@@ -95,7 +156,6 @@ class EventPublisher:
         """Send the outbox to the broker for as long as the task runs: connecting (again)
         while the broker is away, taking an event out only once it was acknowledged."""
         backoff = RETRY_BACKOFF_SECONDS[0]
-        away_since: float | None = None  # when the broker stopped taking events
         producer: AIOKafkaProducer | None = None
         try:
             while True:
@@ -118,11 +178,7 @@ class EventPublisher:
                         ]
                         await asyncio.gather(*acknowledged)
                 except (KafkaError, OSError, TimeoutError) as err:
-                    if away_since is None:  # one line when the broker goes, one when it is back
-                        away_since = time.monotonic()
-                        log.warning(
-                            "events wait in the outbox: the broker: %s", err or type(err).__name__
-                        )
+                    self._outage.went(reason(err))
                     if producer is not None:
                         await stop_quietly(producer)
                         producer = None
@@ -133,13 +189,12 @@ class EventPublisher:
                 for _ in batch:  # only this task takes events out: these are the batch
                     self._outbox.popleft()
                 self._published.inc(len(batch))
-                if away_since is not None:
+                if (away := self._outage.back()) is not None:
                     log.info(
                         "the broker takes events again after %.1f s; %d wait in the outbox",
-                        time.monotonic() - away_since,
+                        away,
                         len(self._outbox),
                     )
-                    away_since = None
                 if not self._outbox:
                     self._waiting.clear()
                     self._empty.set()
@@ -172,12 +227,13 @@ async def publishing_events(
 ) -> AsyncIterator[EventPublisher]:
     """An EventPublisher whose outbox is delivered for the block, then drained within `grace`
     seconds (the server has stopped by then: no new event can come)."""
-    publisher = EventPublisher(bootstrap_servers, capacity, registry)
-    delivering = asyncio.create_task(publisher.deliver())
-    try:
-        yield publisher
-    finally:
-        await publisher.drain(grace)
-        delivering.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await delivering
+    with one_line_per_outage(log, "events wait in the outbox") as outage:
+        publisher = EventPublisher(bootstrap_servers, capacity, registry, outage)
+        delivering = asyncio.create_task(publisher.deliver())
+        try:
+            yield publisher
+        finally:
+            await publisher.drain(grace)
+            delivering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await delivering

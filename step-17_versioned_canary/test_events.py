@@ -20,7 +20,7 @@ from events.v1 import events_pb2
 from greeter.v1 import greeter_pb2_grpc
 from outbox import TOPIC
 from tests.support.helpers import eventually
-from tools.processes import ServerProcess
+from tools.processes import ServerProcess, StepServices
 
 # A greeting's own time, whatever the broker does (generous: the tests also pass with both
 # cores busy). Reaching a broker that is down would take seconds.
@@ -295,3 +295,38 @@ def test_sigterm_delivers_the_outbox_before_the_greeter_exits(broker):
     assert "not published" not in greeter.output
     records = asyncio.run(read_topic(broker.bootstrap, 5))
     assert len({events_pb2.GreetedEvent.FromString(r.value).event_id for r in records}) == 5
+
+
+# How long the broker stays away: aiokafka tries to reconnect many times a second meanwhile.
+OUTAGE_SECONDS = 3
+
+
+async def test_a_broker_outage_is_one_line_when_it_goes_and_one_when_it_is_back(broker):
+    env = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap}
+    services = await asyncio.to_thread(StepServices, STEP_DIR, env)
+    with services:
+        greeter, logger = services["greeter"], services["logger"]
+
+        async def counted(count: int) -> None:
+            async def enough() -> bool:
+                metrics = logger.addresses["metrics"]
+                return await metric(metrics, "logger_events_processed_total") >= count
+
+            await eventually(enough, timeout=30, interval=0.1, message=f"{count} counted")
+
+        await greet(greeter.address, 1)
+        await counted(1)
+        await asyncio.to_thread(broker.stop)
+        await greet(greeter.address, 2)
+        await asyncio.sleep(OUTAGE_SECONDS)  # the outage itself, not a wait for something
+        await asyncio.to_thread(broker.start)
+        await greet(greeter.address, 1)
+        await counted(4)
+    for name, away, back in [
+        ("greeter", "events wait in the outbox: the broker: ", "the broker takes events again after"),
+        ("logger", "events are not read: the broker: ", "events are read again after"),
+    ]:
+        lines = services[name].output.splitlines()
+        assert [line for line in lines if " ERROR " in line or "WARNING aiokafka" in line] == []
+        assert len([line for line in lines if away in line]) == 1, services[name].output
+        assert len([line for line in lines if back in line]) == 1, services[name].output
