@@ -1,6 +1,8 @@
 # gRPC Mastery: every target sets up what it needs. See README.md.
 #   make tour [STEP=NN]     run every step's server and client demo (or one step)
 #   make test [STEP=NN]     every step's tests, each in its own process, then the repo tests
+#   make up STEP=NN         one step's whole stack on loopback (Prometheus, traces, broker,
+#                           Envoy as the step has them) until Ctrl-C
 #   make diff STEP=NN       what step NN adds to the step before it (generated code left out)
 #   make protos             regenerate the checked-in gRPC code of every step
 #   make lint               ruff over the whole repo
@@ -15,7 +17,7 @@ PY     := $(VENV)/bin/python
 # when the lock changes.
 STAMP  := $(VENV)/.installed-from-lock
 
-.PHONY: tour test diff protos lint lock stats venv bench
+.PHONY: tour test up diff protos lint lock stats venv bench
 
 venv: $(STAMP)
 
@@ -40,6 +42,10 @@ tour: $(STAMP)
 
 test: $(STAMP)
 	@$(PY) tools/run_tests.py $(STEP)
+
+up: $(STAMP)
+	@test -n "$(STEP)" || { echo "usage: make up STEP=NN"; exit 2; }
+	@$(PY) tools/up.py $(STEP)
 
 diff: $(STAMP)
 	@test -n "$(STEP)" || { echo "usage: make diff STEP=NN"; exit 2; }

@@ -323,7 +323,11 @@ async def test_a_broker_outage_is_one_line_when_it_goes_and_one_when_it_is_back(
         await greet(greeter.address, 1)
         await counted(4)
     for name, away, back in [
-        ("greeter", "events wait in the outbox: the broker: ", "the broker takes events again after"),
+        (
+            "greeter",
+            "events wait in the outbox: the broker: ",
+            "the broker takes events again after",
+        ),
         ("logger", "events are not read: the broker: ", "events are read again after"),
     ]:
         lines = services[name].output.splitlines()

@@ -153,7 +153,9 @@ async def test_health_calls_that_go_well_leave_no_line_and_a_failed_one_does(ser
         kept_open = health.Watch(HealthRequest())
         assert (await kept_open.read()).status == SERVING
         assert await asyncio.to_thread(server_process.stop) == 0  # it ends the open Watch
-    lines = [line for line in server_process.output.splitlines() if "grpc.health.v1.Health/" in line]
+    lines = [
+        line for line in server_process.output.splitlines() if "grpc.health.v1.Health/" in line
+    ]
     assert len(lines) == 1, server_process.output
     assert "/grpc.health.v1.Health/Check code=NOT_FOUND" in lines[0]
 

@@ -26,8 +26,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from events.v1 import events_pb2
-from outbox import TOPIC  # the topic the Greeter publishes to: one name, in one place
-from outbox import BrokerOutage, one_line_per_outage, reason
+from outbox import TOPIC, BrokerOutage, one_line_per_outage, reason  # TOPIC: named once
 
 log = logging.getLogger("logger.events")
 
@@ -188,9 +187,7 @@ async def keep_consuming(
             while assignment == "all" and not stop.is_set():
                 # Every partition, looked up again now and then: a topic may gain some.
                 await assign_every_partition(consumer, bootstrap, stop)
-                await consume(
-                    consumer, counts, stop, outage, for_seconds=PARTITIONS_CHECK_SECONDS
-                )
+                await consume(consumer, counts, stop, outage, for_seconds=PARTITIONS_CHECK_SECONDS)
         except (KafkaError, OSError) as err:
             outage.went(reason(err))
             with contextlib.suppress(TimeoutError):

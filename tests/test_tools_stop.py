@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,7 @@ def start_tool(args: list[str], cwd: Path, ready: str, timeout: float = 30) -> s
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        read_until(process, ready, timeout)
+        process.printed = read_until(process, ready, timeout)  # what it printed until ready
     except BaseException:
         stop_group(process)
         raise
@@ -154,6 +155,39 @@ def read_until(process: subprocess.Popen, text: str, timeout: float = 30) -> str
         if select.select([process.stdout], [], [], left)[0]:
             seen += os.read(process.stdout.fileno(), 65536)
     return seen.decode()
+
+
+@pytest.mark.parametrize(
+    ("label", "stop"),
+    [("08", signal.SIGHUP), ("16", signal.SIGINT), ("17", signal.SIGTERM)],
+    ids=["08-SIGHUP", "16-SIGINT", "17-SIGTERM"],
+)
+def test_up_holds_a_steps_stack_for_the_commands_it_prints_until_stopped(label, stop):
+    tool = start_tool(["tools/up.py", label], ROOT, "Ctrl-C stops everything", timeout=90)
+    try:
+        printed = tool.printed
+        commands = printed.split("try, in another terminal, from the repository's root:\n")[1]
+        cd, export, hello = [line.strip() for line in commands.splitlines()[:3]]
+        venv = str(Path(sys.executable).parent)  # `python` is the venv's, as after activate
+        said = subprocess.run(
+            ["bash", "-c", f"{cd} && {export} && {hello}"],
+            cwd=ROOT,
+            env={**os.environ, "PATH": f"{venv}:{os.environ['PATH']}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert said.stdout == "Hello, Ada!\n", said
+        if "prometheus  http" in printed:
+            url = printed.split("prometheus  ")[1].split()[0]
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=10) as ready:
+                assert ready.status == 200
+        if "traces      http" in printed:  # the greeting's trace, printed by up
+            read_until(tool, "  greeter: SERVER greeter.v1.Greeter/SayHello ")
+    except BaseException:
+        stop_group(tool)
+        raise
+    assert_stops_everything(tool, stop, expected_code=0)
 
 
 @pytest.fixture(scope="module")

@@ -149,10 +149,15 @@ QUIET_SECONDS = 6.0  # longer than the SDK's 5 s between two exports of one proc
 
 def print_traces(receiver: OtlpReceiver, stopped: threading.Event, quiet: float) -> None:
     """Print each trace once it is finished (see the module's docstring), until `stopped`."""
+    printed: set[str] = set()
     while not stopped.wait(0.2):  # polling the receiver, not waiting for time to pass
         for trace_id in receiver.finished_traces(quiet):
             spans = sum(1 for s in receiver.spans if s.trace_id == trace_id)
-            print(f"trace {trace_id} ({spans} spans)\n{receiver.tree(trace_id)}\n", flush=True)
+            again = "again, with what came later: " if trace_id in printed else ""
+            printed.add(trace_id)
+            print(
+                f"{again}trace {trace_id} ({spans} spans)\n{receiver.tree(trace_id)}\n", flush=True
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -147,9 +147,12 @@ class ServerProcess:
         script: str = "server.py",
         env: dict[str, str] | None = None,
         ready_timeout: float = 20.0,
+        log_path: Path | None = None,
     ):
         self.command = [sys.executable, script, "--port", "0", *args]
-        self._start = (step_dir, args, script, env, ready_timeout)  # for restarted()
+        self._start = (step_dir, args, script, env, ready_timeout, log_path)  # for restarted()
+        # Its output, also written to `log_path` as it comes (tools/up.py).
+        self._log = None if log_path is None else open(log_path, "a", encoding="utf-8")
         self.earlier_output = ""  # a restarted server's output before its restart
         self.process = subprocess.Popen(
             self.command,
@@ -173,7 +176,12 @@ class ServerProcess:
         for line in self.process.stdout:
             self._output.append(line)
             self._lines.put(line.rstrip("\n"))
+            if self._log is not None:
+                self._log.write(line)
+                self._log.flush()
         self._lines.put(None)
+        if self._log is not None:
+            self._log.close()
 
     def _wait_until_ready(self, timeout: float) -> str:
         try:
@@ -203,10 +211,17 @@ class ServerProcess:
         dependency that comes back at the address its callers know."""
         if self.process.poll() is None:
             raise RuntimeError(f"{' '.join(self.command)} is still running")
-        step_dir, args, script, env, ready_timeout = self._start
+        step_dir, args, script, env, ready_timeout, log_path = self._start
         port = self.address.rsplit(":", 1)[1]  # a later --port wins over the first
         again = ServerProcess(
-            step_dir, *args, "--port", port, script=script, env=env, ready_timeout=ready_timeout
+            step_dir,
+            *args,
+            "--port",
+            port,
+            script=script,
+            env=env,
+            ready_timeout=ready_timeout,
+            log_path=log_path,
         )
         again.earlier_output = f"{self.output}(exit code {self.returncode}; started again)\n"
         return again
@@ -252,8 +267,8 @@ class StepServices:
     second Greeter is `services["greeter-2"]`, and the services started after it get every
     replica's address as one target (`ipv4:HOST:PORT,HOST:PORT`). `args` adds arguments per
     service name, `replica_env` settings per process name (step 17: "greeter-3" is the
-    canary). Stops them in reverse order (callers first) and keeps their exit codes in
-    `returncodes`."""
+    canary), `log_dir` a file for each process's output (NAME.log). Stops them in reverse
+    order (callers first) and keeps their exit codes in `returncodes`."""
 
     def __init__(
         self,
@@ -262,6 +277,7 @@ class StepServices:
         args: dict[str, tuple[str, ...]] | None = None,
         replicas: dict[str, int] | None = None,
         replica_env: dict[str, dict[str, str]] | None = None,
+        log_dir: Path | None = None,
     ):
         self.processes: dict[str, ServerProcess] = {}
         self.returncodes: dict[str, int] = {}
@@ -282,6 +298,7 @@ class StepServices:
                         *(args or {}).get(service.name, ()),
                         script=service.script,
                         env={**(env or {}), **given},
+                        log_path=None if log_dir is None else log_dir / f"{name}.log",
                     )
                     self.processes[name] = process
                     self.wiring[name] = given
