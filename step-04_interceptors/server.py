@@ -16,8 +16,10 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -42,6 +44,20 @@ log = logging.getLogger("greeter.server")
 def host_port(host: str, port: int) -> str:
     """`host:port`, with brackets around an IPv6 host, as gRPC targets spell it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def why_not_listening(host: str, port: int, error: RuntimeError) -> str:
+    """gRPC says only "Failed to bind to address": try the port ourselves, to say whether
+    something else already listens there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host, port), family=family).close()
+    except OSError as taken:
+        if taken.errno == errno.EADDRINUSE:
+            return (
+                f"port {port} is in use (another server?): stop it, or choose another with --port"
+            )
+    return str(error)
 
 
 def build_server(settings: Settings, servicer: Greeter) -> tuple[grpc.aio.Server, int]:
@@ -132,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(settings))
     except RuntimeError as err:  # grpc raises RuntimeError when the port cannot be bound
         print(
-            f"error: cannot listen on {host_port(settings.host, settings.port)}: {err}",
+            f"error: cannot listen on {host_port(settings.host, settings.port)}: "
+            f"{why_not_listening(settings.host, settings.port, err)}",
             file=sys.stderr,
         )
         return 1

@@ -12,6 +12,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import socket
@@ -132,6 +133,20 @@ class CallsInFlight(grpc.aio.ServerInterceptor):
 def host_port(host: str, port: int) -> str:
     """`host:port`, with brackets around an IPv6 host, as gRPC targets spell it."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def why_not_listening(host: str, port: int, error: RuntimeError) -> str:
+    """gRPC says only "Failed to bind to address": try the port ourselves, to say whether
+    something else already listens there."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.create_server((host, port), family=family).close()
+    except OSError as taken:
+        if taken.errno == errno.EADDRINUSE:
+            return (
+                f"port {port} is in use (another server?): stop it, or choose another with --port"
+            )
+    return str(error)
 
 
 def build_server(
@@ -305,7 +320,8 @@ def main(
         return 1
     except RuntimeError as err:  # grpc raises RuntimeError when the port cannot be bound
         print(
-            f"error: cannot listen on {host_port(settings.host, settings.port)}: {err}",
+            f"error: cannot listen on {host_port(settings.host, settings.port)}: "
+            f"{why_not_listening(settings.host, settings.port, err)}",
             file=sys.stderr,
         )
         return 1
