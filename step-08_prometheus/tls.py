@@ -12,6 +12,15 @@ import grpc
 GENERATE_HINT = "run ./gen_certs.sh to make a local CA and certificates in certs/"
 
 
+def missing_file_hint(path: str | Path) -> str:
+    """What to do about a file that is not there: a relative path (certs/ca.crt, the
+    default) read from outside the step folder was most likely run from the wrong folder."""
+    step_folder = Path(__file__).resolve().parent
+    if not Path(path).is_absolute() and Path.cwd().resolve() != step_folder:
+        return f"run it from its step folder (cd {step_folder.name}), where certs/ is"
+    return GENERATE_HINT
+
+
 class TlsConfigError(Exception):
     """A TLS setting points to a file that cannot be used."""
 
@@ -21,7 +30,7 @@ def read_pem(path: str | Path, what: str) -> bytes:
         data = Path(path).read_bytes()
     except OSError as err:
         raise TlsConfigError(
-            f"cannot read the {what} {path}: {err.strerror}; {GENERATE_HINT}"
+            f"cannot read the {what} {path}: {err.strerror}; {missing_file_hint(path)}"
         ) from None
     if b"-----BEGIN " not in data:
         raise TlsConfigError(f"the {what} {path} is not a PEM file")

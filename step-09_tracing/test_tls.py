@@ -1,8 +1,10 @@
 """TLS only, mutual TLS on request: encryption, certificate checks, the calling service."""
 
 import logging
+import os
 import re
 import subprocess
+import sys
 
 import grpc
 import pytest
@@ -179,6 +181,22 @@ def test_client_without_its_ca_file_says_how_to_make_one(tmp_path):
     assert result.stderr == (
         f"error: cannot read the CA certificate {tmp_path / 'missing.crt'}: No such file or directory; "
         "run ./gen_certs.sh to make a local CA and certificates in certs/\n"
+    )
+
+
+def test_client_run_from_another_folder_says_which_folder_to_run_it_from():
+    result = subprocess.run(
+        [sys.executable, str(STEP_DIR / "client.py"), "hello", "--name", "Ada"],
+        cwd=STEP_DIR.parent,  # the repository's root, where certs/ is not
+        env={k: v for k, v in os.environ.items() if k != "GREETER_TLS_CA"},  # the default
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "error: cannot read the CA certificate certs/ca.crt: No such file or directory; "
+        f"run it from its step folder (cd {STEP_DIR.name}), where certs/ is\n"
     )
 
 
