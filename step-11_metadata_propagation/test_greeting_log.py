@@ -226,7 +226,9 @@ async def test_wrong_logger_credentials_are_a_counted_failure_never_a_hang(
     [
         (
             {"LOGGER_AUTH_TOKEN": ""},
-            "error: no auth token configured: set LOGGER_AUTH_TOKEN. The server does not start",
+            "error: no auth token configured: set LOGGER_AUTH_TOKEN. The server does not start "
+            "without one. It is the Logger's own token, the one it runs with; for example:\n"
+            "  export LOGGER_AUTH_TOKEN=$(cat logger.token)\n",
         ),
         (
             {"GREETER_LOGGER_TLS_CA": "/nowhere/ca.crt"},

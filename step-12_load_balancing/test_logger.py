@@ -165,8 +165,11 @@ def test_the_logger_process_serves_and_stops_gracefully():
 def test_the_logger_refuses_to_start_without_its_token():
     result = run_script(STEP_DIR, "logger_server.py", "--port", "0", env={"LOGGER_AUTH_TOKEN": ""})
     assert (result.returncode, result.stdout) == (2, "")
-    assert result.stderr.startswith(
-        "error: no auth token configured: set LOGGER_AUTH_TOKEN. The server does not start"
+    assert result.stderr == (  # a new token, in the file the Greeter's hint reads it from
+        "error: no auth token configured: set LOGGER_AUTH_TOKEN. The server does not start "
+        "without one. For example:\n"
+        "  python -c 'import secrets; print(secrets.token_urlsafe(32))' > logger.token\n"
+        "  export LOGGER_AUTH_TOKEN=$(cat logger.token)\n"
     )
 
 

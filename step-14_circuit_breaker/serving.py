@@ -282,6 +282,19 @@ async def serve(running: Callable[[], contextlib.AbstractAsyncContextManager]) -
         await stop.wait()
 
 
+def token_hint(settings: ServerSettings, variable: str) -> str:
+    """How to set the token of `variable`: a new one for the server's own; for a service it
+    calls, the one that service runs with (a new one would be refused: UNAUTHENTICATED)."""
+    owner = variable.split("_")[0].lower()  # LOGGER_AUTH_TOKEN: the Logger's
+    if variable == type(settings).variable("token"):  # in a file, for its callers too
+        new = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        return f"For example:\n  {new} > {owner}.token\n  export {variable}=$(cat {owner}.token)"
+    return (
+        f"It is the {owner.capitalize()}'s own token, the one it runs with; for example:\n"
+        f"  export {variable}=$(cat {owner}.token)"
+    )
+
+
 def main(
     settings: ServerSettings,
     running: Callable[[], contextlib.AbstractAsyncContextManager[RunningServer]],
@@ -292,8 +305,7 @@ def main(
         if problem := token_problem(token, variable):
             # Never serve unauthenticated by accident: no token, no server.
             print(
-                f"error: {problem}. The server does not start without one. For example:\n"
-                f"  export {variable}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')",
+                f"error: {problem}. The server does not start without one. {token_hint(settings, variable)}",
                 file=sys.stderr,
             )
             return 2
