@@ -259,7 +259,24 @@ def test_client_without_a_token_gets_one_clear_line(server_process):
         "hello", "--name", "Ada", "--target", server_process.address, env={"GREETER_AUTH_TOKEN": ""}
     )
     assert result.returncode == 1
-    assert result.stderr == f"error: UNAUTHENTICATED: {MISSING_TOKEN}\n"
+    assert result.stderr == (
+        f"error: UNAUTHENTICATED: {MISSING_TOKEN}; GREETER_AUTH_TOKEN must be the server's token\n"
+    )
+
+
+def test_client_with_a_wrong_token_is_told_which_variable_to_check(server_process):
+    result = run_client(
+        "hello",
+        "--name",
+        "Ada",
+        "--target",
+        server_process.address,
+        env={"GREETER_AUTH_TOKEN": "not-the-right-token"},
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "error: UNAUTHENTICATED: invalid token; GREETER_AUTH_TOKEN must be the server's token\n"
+    )
 
 
 def test_client_sends_its_user_id_and_the_server_logs_it(server_process):

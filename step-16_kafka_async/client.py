@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(run(args))
     except grpc.aio.AioRpcError as err:
         details = " ".join((err.details() or "").split())  # always one line
+        if err.code() == grpc.StatusCode.UNAUTHENTICATED:  # the server cannot say where from
+            details += f"; {TOKEN_VARIABLE} must be the server's token"
         print(f"error: {err.code().name}: {details}", file=sys.stderr)
         return 1
     except TlsConfigError as err:
