@@ -216,6 +216,11 @@ async def test_wrong_logger_credentials_are_a_counted_failure_never_a_hang(
     assert duration < timeout + MARGIN
     code = "Unauthenticated" if wrong == "token" else "Unavailable"
     samples = await scrape(server.metrics_address)
+    if wrong == "token":
+        [warning] = unlogged_warnings(caplog)
+        assert warning.getMessage().endswith(
+            "UNAUTHENTICATED: invalid token; LOGGER_AUTH_TOKEN must be the Logger's own token"
+        )
     assert value(samples, "greeter_unlogged_greetings_total", grpc_code=code) == 1
     assert len(unlogged_warnings(caplog)) == 1
     assert await logged_greetings(server.logger.address) == []

@@ -89,6 +89,8 @@ class GreetingLog:
         except grpc.aio.AioRpcError as err:
             self._unlogged.labels(GO_CODE_NAMES[err.code()]).inc()
             details = " ".join((err.details() or "").split())
+            if err.code() == grpc.StatusCode.UNAUTHENTICATED:  # the Logger cannot say where from
+                details += f"; {Settings.variable('logger_token')} must be the Logger's own token"
             log.warning(
                 "%s greeting not logged (request_id=%s): the Logger call failed with %s: %s",
                 method,

@@ -228,6 +228,10 @@ async def test_wrong_logger_credentials_are_a_counted_failure_never_a_hang(
     samples = await scrape(server.metrics_address)
     if wrong == "token":
         assert value(samples, "greeter_unlogged_greetings_total", grpc_code="Unauthenticated") == 1
+        [warning] = unlogged_warnings(caplog)
+        assert warning.getMessage().endswith(
+            "UNAUTHENTICATED: invalid token; LOGGER_AUTH_TOKEN must be the Logger's own token"
+        )
     else:  # a failed handshake is UNAVAILABLE, retried until the attempt's deadline
         assert unlogged_total(samples) == 1
     assert len(unlogged_warnings(caplog)) == 1
