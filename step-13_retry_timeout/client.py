@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import grpc
 
 from auth import TOKEN_VARIABLE, client_auth_interceptors, unsendable_token_problem, user_id_problem
-from balancing import channel_options, served_by
+from balancing import channel_options, replica_target, served_by
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from propagation import request_id_interceptors
 from retries import GREETER_RETRIED
@@ -54,6 +54,7 @@ class ClientSettings:
         "127.0.0.1:50051",
         "GREETER_TARGET",
         "server address, or replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT",
+        parse=replica_target,
     )
     timeout: float | None = option(
         None,

@@ -31,6 +31,14 @@ SERVICE_CONFIG = {
 MAX_RECONNECT_BACKOFF_MS = 5000
 
 
+def replica_target(text: str) -> str:
+    """A target as a setting: a list of addresses must say its scheme, which gRPC would
+    only report as "Misformatted domain name" on the first call."""
+    if "," in text and not text.startswith(("ipv4:", "ipv6:")):
+        raise ValueError("a list of addresses needs ipv4: before it: ipv4:HOST:PORT,HOST:PORT")
+    return text
+
+
 def tls_authority(target: str) -> str | None:
     """The name TLS must find in the servers' certificate, when gRPC cannot tell it from the
     target: for an address list, the host of its first address (every replica then needs a

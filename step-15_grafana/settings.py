@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar
 
+from balancing import replica_target
 from rpc_log import BatchedStreamHandler
 
 
@@ -183,6 +184,7 @@ class Settings(ServerSettings):
         "127.0.0.1:50052",
         "GREETER_LOGGER_TARGET",
         "the Logger's address, or its replicas: ipv4:HOST:PORT,HOST:PORT or dns:///NAME:PORT",
+        parse=replica_target,
     )
     # What a greeting may wait for its log entry: step 10's README,
     # "When the Logger is slow or down".

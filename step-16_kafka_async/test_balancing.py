@@ -17,7 +17,7 @@ from balancing import channel_options, served_by
 from conftest import STEP_DIR, Request, logged_greetings, open_channel, run_client, scrape, value
 from greeter.v1 import greeter_pb2_grpc
 from tests.support.helpers import closed_port, eventually
-from tools.processes import ServerProcess, StepServices
+from tools.processes import ServerProcess, StepServices, run_script
 
 HOST = socket.gethostname()
 
@@ -227,3 +227,16 @@ async def test_the_greeter_spreads_its_reports_over_two_loggers():
     shares = [a - b for a, b in zip(after, before, strict=True)]
     assert sum(shares) == 20
     assert all(9 <= share <= 11 for share in shares), shares  # round robin: 10 each
+
+
+def test_a_list_of_addresses_without_its_scheme_is_refused_with_what_to_write():
+    addresses = "127.0.0.1:1,127.0.0.1:2"  # gRPC alone: "Misformatted domain name", later
+    client = run_client("hello", "--name", "Ada", "--target", addresses)
+    greeter = run_script(
+        STEP_DIR, "server.py", "--port", "0", env={"GREETER_LOGGER_TARGET": addresses}
+    )
+    for result in (client, greeter):
+        assert result.returncode == 2
+        assert result.stderr.endswith(
+            f"'{addresses}': a list of addresses needs ipv4: before it: ipv4:HOST:PORT,HOST:PORT\n"
+        ), result.stderr
