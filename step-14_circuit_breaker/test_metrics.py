@@ -326,3 +326,14 @@ async def count_every_outcome(server, prometheus) -> None:
         'histogram_quantile(0.99, sum by (le) (grpc_server_handling_seconds_bucket{grpc_type="unary"}))',
     )
     assert 0 < float(p99["value"][1]) <= GO_DEFAULT_BUCKETS[-1]
+
+
+def test_a_client_pointed_at_the_metrics_port_is_told_so(server_process):
+    metrics = server_process.addresses["metrics"]
+    result = run_client("hello", "--name", "Ada", "--target", metrics, "--timeout", "1")
+    assert result.returncode == 1
+    assert result.stderr.endswith(
+        f"; {metrics} serves /metrics: is this the metrics port? "
+        "Use the server's `listening on` address\n"
+    ), result.stderr
+    assert result.stderr.count("\n") == 1

@@ -28,6 +28,7 @@ import contextlib
 import getpass
 import logging
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -222,6 +223,18 @@ async def run(args: argparse.Namespace) -> None:
             await tracer.flush()  # ...and their spans, which the provider exports on its way out
 
 
+def metrics_port_hint(target: str) -> str:
+    """A gRPC call to a /metrics port gets no answer it understands and ends by its
+    deadline: when `target` answers HTTP GET /metrics, say that it is a metrics port."""
+    try:
+        with urllib.request.urlopen(f"http://{target}/metrics", timeout=1) as reply:
+            if reply.status == 200:
+                return f"; {target} serves /metrics: is this the metrics port? Use the server's `listening on` address"
+    except (OSError, ValueError):  # nothing answers HTTP there, or not a host:port
+        pass
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     token = os.environ.get(TOKEN_VARIABLE)
@@ -238,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         details = " ".join((err.details() or "").split())  # always one line
         if err.code() == grpc.StatusCode.UNAUTHENTICATED:  # the server cannot say where from
             details += f"; {TOKEN_VARIABLE} must be the server's token"
+        if err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+            details += metrics_port_hint(args.target)
         print(f"error: {err.code().name}: {details}", file=sys.stderr)
         return 1
     except TlsConfigError as err:
