@@ -510,6 +510,12 @@ def start_envoy(step: Step, services: StepServices, certs: Path) -> EnvoyProcess
     return envoy
 
 
+def shell_words(args: list[str]) -> str:
+    """`args` as a shell command line to paste: a word that names a variable in double
+    quotes, so that the shell expands it ("authorization: Bearer $LOGGER_AUTH_TOKEN")."""
+    return " ".join(f'"{a}"' if "$" in a and '"' not in a else shlex.quote(a) for a in args)
+
+
 def run_until_logged(step: Step, args: list[str], env: dict, greeter, d: Demo):
     """The client demo, again every 0.2 s while it succeeds, until the Greeter's log shows
     `d.until_logged`; the runs, and the line that ended them."""
@@ -578,10 +584,15 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
         if entry.envoy:
             envoy = start_envoy(step, services, Path(workdir.name) / "certs")
             places["{envoy}"] = envoy.address
+        # As a learner types them in the step folder: certs/, not the tour's own folder.
+        shown_places = {**places, "{certs}": "certs"}
         for d in entry.demos:
             args = [fill(a, places) for a in d.args]
+            shown = shell_words([fill(a, shown_places) for a in d.args])
+            if d.fails:
+                shown += "   # an error, on purpose"
             if d.program == "grpcurl":
-                print(f"$ grpcurl {shlex.join(args)}", flush=True)
+                print(f"$ grpcurl {shown}", flush=True)
                 grpcurl_binary = str(Path(sys.executable).with_name("grpcurl"))
                 secrets = {"$LOGGER_AUTH_TOKEN": env.get("LOGGER_AUTH_TOKEN", "")}
                 result = subprocess.run(
@@ -613,7 +624,7 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 result = show_last_trace(receiver, len(services.processes))
             else:
                 shown_env = "".join(f"{name}={shlex.quote(value)} " for name, value in d.env)
-                print(f"$ {shown_env}python client.py {shlex.join(args)}", flush=True)
+                print(f"$ {shown_env}python client.py {shown}", flush=True)
                 if d.until_logged:
                     result = run_until_logged(step, args, {**env, **dict(d.env)}, greeter, d)
                 else:
