@@ -190,8 +190,11 @@ async def drain(health: HealthService, drain_delay: float, service: Service) -> 
     Kubernetes stop sending new calls before the server refuses them."""
     await health.enter_graceful_shutdown()
     service.log.info("health: NOT_SERVING; still serving for %.1fs", drain_delay)
-    # Not synchronisation: a deliberate pause, the time load balancers need to notice.
-    await asyncio.sleep(drain_delay)
+    try:
+        # Not synchronisation: a deliberate pause, the time load balancers need to notice.
+        await asyncio.sleep(drain_delay)
+    finally:
+        await health.end_watches()  # the stop that follows would wait for them
 
 
 async def stop_gracefully(

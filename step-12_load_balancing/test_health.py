@@ -126,6 +126,28 @@ async def test_shutdown_ends_health_watches_so_the_drain_does_not_wait_for_them(
     await asyncio.wait_for(shutdown, 5)  # far less than the 30 s grace
 
 
+async def test_a_watch_says_not_serving_and_stays_open_through_the_drain_delay(start_server):
+    """A watcher whose stream ends opens a new one at once: through a drain delay, a Watch
+    that ended at NOT_SERVING became a loop of Watch calls. It stays open until the drain
+    delay is over, then ends before the stop (which would wait for it)."""
+    server = await start_server(grace=30, drain_delay=30)
+    async with raw_channel(server.address) as probe:
+        health = health_pb2_grpc.HealthStub(probe)
+        watch = health.Watch(HealthRequest(), timeout=20)
+        assert (await watch.read()).status == SERVING
+        shutdown = server.shut_down()
+        assert (await watch.read()).status == NOT_SERVING
+        # A round trip on the same connection, after the NOT_SERVING: a Watch that had
+        # ended with it would be done by now.
+        assert (await health.Check(HealthRequest(), timeout=5)).status == NOT_SERVING
+        assert not watch.done()
+        shutdown.cancel()  # the rest of the 30 s drain delay is skipped; the stop follows
+        assert await watch.read() is grpc.aio.EOF
+        assert await watch.code() == grpc.StatusCode.OK
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(shutdown, 5)  # far less than the 30 s grace
+
+
 def test_server_process_logs_not_serving_before_it_stops(server_process):
     assert server_process.stop() == 0
     lines = server_process.output.splitlines()

@@ -26,6 +26,7 @@ class HealthService(health_pb2_grpc.HealthServicer):
         # NOT_SERVING until the server says it is ready: a probe never sees a half-started server.
         self._status = dict.fromkeys(["", *services], NOT_SERVING)
         self._shutting_down = False
+        self._watches_end = False
         self._version = 0  # bumped on every change, so a watcher never misses one
         self._changed = asyncio.Condition()
 
@@ -40,9 +41,18 @@ class HealthService(health_pb2_grpc.HealthServicer):
             await self._set_all(SERVING)
 
     async def enter_graceful_shutdown(self) -> None:
-        """NOT_SERVING for good, and every Watch stream ends after saying so."""
+        """NOT_SERVING for good, told to every Watch, which stays open: a watcher that sees
+        its stream end would open a new one at once, again and again through the drain."""
         self._shutting_down = True
         await self._set_all(NOT_SERVING)
+
+    async def end_watches(self) -> None:
+        """End every Watch stream, before the server stops: server.stop(grace) waits for
+        every open call, and a Watch never ends on its own."""
+        async with self._changed:
+            self._watches_end = True
+            self._version += 1
+            self._changed.notify_all()
 
     async def Check(self, request, context):
         status = self._status.get(request.service)
@@ -59,11 +69,9 @@ class HealthService(health_pb2_grpc.HealthServicer):
                 await self._changed.wait_for(lambda seen=seen_version: self._version != seen)
                 seen_version = self._version
                 status = self._status.get(request.service, SERVICE_UNKNOWN)
-                shutting_down = self._shutting_down
+                ending = self._watches_end
             if status != last_sent:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last_sent = status
-            if shutting_down:
-                # The server is going away: end the stream rather than hold up the drain
-                # (server.stop waits for every open call, and a Watch never ends on its own).
+            if ending:  # the server is about to stop (end_watches)
                 return
