@@ -111,10 +111,20 @@ async def test_a_replica_reporting_not_serving_gets_no_new_calls(three_greeters)
 
             await eventually(skipped, message="a round without the draining replica")
             counts = await spread(stub, 30)
+            # Its Watch stayed open, NOT_SERVING: the client did not open new ones in a loop.
+            watches = value(
+                await scrape(draining.addresses["metrics"]),
+                "grpc_server_started_total",
+                grpc_service="grpc.health.v1.Health",
+                grpc_method="Watch",
+                grpc_type="server_stream",
+            )
+        still_up = draining.process.poll() is None
+        draining.process.kill()  # not 30 s of drain in a test
         assert replica_of(draining) not in counts, counts
         assert sum(counts.values()) == 30
-        assert draining.process.poll() is None, "it was still up, serving, all along"
-        draining.process.kill()  # not 30 s of drain in a test
+        assert watches == 1, f"{watches:.0f} Watch calls from one channel"
+        assert still_up, "it was still up, serving, all along"
 
 
 async def test_sigterm_under_a_steady_load_fails_no_call_and_loses_no_entry(three_greeters):
