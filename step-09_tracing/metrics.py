@@ -239,6 +239,10 @@ async def serving_metrics(host: str, port: int, registry: CollectorRegistry) -> 
                 await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass  # a client that is too slow, sends too much or goes away: just hang up
+        except asyncio.CancelledError:
+            # The server stops with this scrape unanswered: hang up. Ending as cancelled
+            # would make Python 3.11's streams log an ERROR for it (3.12 no longer does).
+            pass
         finally:
             writer.close()
 

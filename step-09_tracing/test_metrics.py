@@ -3,6 +3,7 @@ every RPC kind and outcome; /metrics on its own port; the deploy/ files checked 
 and a real Prometheus scraping the real server process."""
 
 import asyncio
+import socket
 import subprocess
 import urllib.request
 
@@ -312,3 +313,15 @@ def test_a_client_pointed_at_the_metrics_port_is_told_so(server_process):
         "Use the server's `listening on` address\n"
     ), result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_a_scrape_left_unanswered_at_shutdown_is_no_error(server_process):
+    """A scraper that connected and sent nothing yet when the server stops: its connection
+    is closed, and the log stays clean (no "Exception in callback" ERROR)."""
+    host, port = server_process.addresses["metrics"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as scraper:
+        scraper.sendall(b"GET /metrics HTTP/1.1\r\n")  # the rest of its head never comes
+        assert server_process.stop() == 0
+        assert scraper.recv(1) == b""  # closed
+    assert " ERROR " not in server_process.output, server_process.output
+    assert "Traceback" not in server_process.output
