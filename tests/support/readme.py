@@ -5,7 +5,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-WHAT_CHANGED_ITEM = re.compile(r"^- `([^`]+)` \((new|changed|removed)\)", re.MULTILINE)
+# `path` (new): one file per bullet, or several in one bullet (the tests: `a.py` (new), ...).
+WHAT_CHANGED_ITEM = re.compile(r"`([^`]+)` \((new|changed|removed)\)")
 KIND = {"new": "added", "changed": "modified", "removed": "removed"}
 CONSOLE_BLOCK = re.compile(r"^```console\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
