@@ -1,6 +1,9 @@
 """The command-line client, run as a learner runs it: replies, and errors in one line."""
 
 import subprocess
+import sys
+
+import pytest
 
 from conftest import STEP_DIR, run_client, start_client
 from tests.support.helpers import closed_port, silent_port
@@ -114,3 +117,20 @@ def test_client_reports_a_chat_the_server_ended_between_two_lines_in_one_line():
     output, errors = client.communicate("Grace\n", timeout=10)
     assert (client.returncode, output) == (1, "")
     assert errors.startswith("error: UNAVAILABLE: ") and errors.count("\n") == 1, errors
+
+
+@pytest.mark.parametrize(
+    "command", [["server.py"], ["client.py", "hello", "--name", "Ada"]], ids=lambda c: c[0]
+)
+def test_a_python_outside_the_virtual_env_says_what_to_do_in_one_line(command):
+    """`python -S` leaves site-packages out: a python without the project's packages, as in
+    a terminal where the virtual env is not active. One line, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-S", *command], cwd=STEP_DIR, capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: ") and line.endswith(
+        " has no grpc: activate the project's virtual env first (`source ../.venv/bin/activate`"
+        " in a step folder; `make venv` at the repository root makes it)"
+    )

@@ -9,6 +9,8 @@ shuts down gracefully on SIGINT/SIGTERM.
 
 import os
 
+import venv_check  # noqa: F401  first: outside the virtual env, one line instead of a traceback
+
 # gRPC's C core logs ordinary events (a port in use, a failed handshake, a GOAWAY) as E…/I…
 # lines of its own; this server reports what matters itself. GRPC_VERBOSITY=INFO (or DEBUG)
 # turns them back on. It is read when grpc is imported: keep this above the imports.

@@ -5,6 +5,8 @@ its lifetime (`running_server`), and the entry point's start-up and shutdown (`m
 
 import os
 
+import venv_check  # noqa: F401  first: outside the virtual env, one line instead of a traceback
+
 # gRPC's C core logs ordinary events (a port in use, a failed handshake, a GOAWAY) as E…/I…
 # lines of its own; these servers report what matters themselves. GRPC_VERBOSITY=INFO (or
 # DEBUG) turns them back on. It is read when grpc is imported: keep this above the imports.

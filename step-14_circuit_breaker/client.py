@@ -16,6 +16,8 @@ Prints the reply. On an error it prints one line, `error: STATUS: message`, and 
 
 import os
 
+import venv_check  # noqa: F401  first: outside the virtual env, one line instead of a traceback
+
 # gRPC's C core writes log lines of its own to stderr (a refused connection, a failed
 # handshake). This client reports each failure in one line, so the core stays quiet unless
 # you ask (GRPC_VERBOSITY=INFO python client.py ...). It is read when grpc is imported.
