@@ -8,6 +8,7 @@ import logging
 import grpc
 
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
+from interceptors import status_of
 from logger_client import GreetingLog
 from outbox import EventPublisher
 
@@ -17,10 +18,13 @@ MAX_NAME_LENGTH = 100
 # A stream is bounded too: a client cannot ask for an endless one.
 DEFAULT_STREAM_COUNT = 5
 MAX_STREAM_COUNT = 10
-# A call cancelled this close to its deadline ended by its deadline (Greeter.ended).
-DEADLINE_CANCEL_SECONDS = 0.1
 # A chat is bounded as well: a client that needs more starts a new one.
 MAX_CHAT_MESSAGES = 100
+# How a call stopped before its end is logged, by the status it ended with.
+STOPPED_BY = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: "ended by its deadline",
+    grpc.StatusCode.UNAVAILABLE: "cut by the server's shutdown",
+}
 
 log = logging.getLogger("greeter.service")
 
@@ -125,12 +129,7 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
                 await self.greeted(greeted, "Chat")
 
     def ended(self, context) -> str:
-        """Why a call was stopped before its end, as its log line says it."""
-        remaining = context.time_remaining()
-        # The client cancels when the deadline passes, and its cancel may arrive a moment
-        # before the server's own timer for the same deadline fires.
-        if remaining is not None and remaining < DEADLINE_CANCEL_SECONDS:
-            return "ended by its deadline"
-        if self.shutting_down.is_set():
-            return "cut by the server's shutdown"
-        return "cancelled by the client"
+        """Why a call was stopped before its end, as its log line says it: by the rule its
+        status is recorded with (`status_of`)."""
+        code = status_of(context, asyncio.CancelledError(), self.shutting_down)
+        return STOPPED_BY.get(code, "cancelled by the client")
