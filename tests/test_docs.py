@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 from tests.support.readme import console_commands, section
+from tools.ladder import step_files
+from tools.layout import render, with_layout
 from tools.processes import StepServices, demo_environment, run_script
 from tools.steps import ROOT, STEP_NAMES, all_steps
 
@@ -34,6 +36,7 @@ def environment_variables(code: str) -> set[str]:
 STEP_SECTIONS = [
     "Goal",
     "What changed",
+    "Layout",
     "Run it",
     "How it works",
     "Try it yourself",
@@ -53,6 +56,15 @@ def test_step_readme_has_every_section(step):
     assert not missing, f"{step.name}/README.md lacks sections {missing}"
 
 
+def test_readme_layout_is_the_generated_one(step, steps):
+    """Every file of the step on one line, what it is for and the step that brought it, as
+    `python tools/ladder.py layout` writes it (tools/layout.py describes each file once)."""
+    readme = (step.path / "README.md").read_text()
+    assert with_layout(readme, render(step, steps, step_files)) == readme, (
+        "run `python tools/ladder.py layout`"
+    )
+
+
 def test_try_it_yourself_has_a_hint(step):
     assert "*Hint:*" in section(step.path / "README.md", "Try it yourself")
 
@@ -69,7 +81,7 @@ def test_readme_references_in_the_code_point_to_sections_that_exist(step):
     readmes = {s.label: s.path / "README.md" for s in all_steps()}
     missing = [
         f"{path.name}: {label or 'its own'} README, {title}"
-        for path in step.path.glob("*.py")
+        for path in [*step.path.glob("*.py"), *step.path.glob("tests/*.py")]
         for label, title in README_REFERENCE.findall(path.read_text())
         if title not in headings(readmes[label] if label else step.path / "README.md")
     ]

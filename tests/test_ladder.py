@@ -29,9 +29,9 @@ def learner_certificates(steps):
 
 
 def names_of_tests(step_dir):
-    """Every test of a step's test_*.py files, as "file::name" (methods as Class.name)."""
+    """Every test of a step's tests/test_*.py files, as "file::name" (methods as Class.name)."""
     names = set()
-    for path in sorted(step_dir.glob("test_*.py")):
+    for path in sorted(step_dir.glob("tests/test_*.py")):
         names |= {f"{path.name}::{name}" for name in names_in_file(path)}
     return names
 

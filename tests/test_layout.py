@@ -16,8 +16,9 @@ REQUIRED_FILES = [
     "greeter/v1/greeter_pb2.pyi",
     "server.py",
     "client.py",
-    "conftest.py",
-    "test_unary.py",
+    "tests/conftest.py",
+    "tests/helpers.py",
+    "tests/test_unary.py",
 ]
 
 
@@ -56,7 +57,7 @@ def test_runtime_code_imports_only_its_own_folder_and_installed_packages(step):
     """A learner copies one folder: its runtime code must not reach into tools/, tests/ or
     another step. (Test code may use the shared fixtures of tests/support.)"""
     local = {p.stem for p in step.path.glob("*.py")} | {
-        p.name for p in step.path.iterdir() if p.is_dir()
+        p.name for p in step.path.iterdir() if p.is_dir() and p.name != "tests"
     }
     installed = set(importlib.metadata.packages_distributions())
     allowed = set(sys.stdlib_module_names) | installed | local
@@ -64,7 +65,7 @@ def test_runtime_code_imports_only_its_own_folder_and_installed_packages(step):
     problems = []
     for path in step.path.rglob("*.py"):
         relative = path.relative_to(step.path)
-        if relative.name == "conftest.py" or relative.name.startswith("test_"):
+        if relative.parts[0] == "tests":
             continue
         for line, name in imported_top_level_names(path):
             if name.startswith(".") or name in forbidden or name not in allowed:

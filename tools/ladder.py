@@ -4,6 +4,7 @@
     python tools/ladder.py diff AA BB       what changes from step AA to step BB
     python tools/ladder.py stats            files and code lines changed for every adjacent pair
     python tools/ladder.py propagate NN     carry the change made to step NN into NN+1 .. last
+    python tools/ladder.py layout           write the Layout section of every step README
 
 Generated code (*_pb2.py, *_pb2_grpc.py, *_pb2.pyi) is left out of diffs and statistics.
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import itertools
 
 from tools.codegen import generate, is_generated
+from tools.layout import render, with_layout
 from tools.steps import ROOT, Step, all_steps, find_step
 
 IGNORED_PARTS = {"__pycache__", ".pytest_cache", ".ruff_cache"}
@@ -244,6 +246,7 @@ def main(argv: list[str]) -> int:
     commands.add_parser("stats", help="change statistics for every adjacent pair of steps")
     carry = commands.add_parser("propagate", help="carry step NN's change into every later step")
     carry.add_argument("step", metavar="NN")
+    commands.add_parser("layout", help="write the Layout section of every step README")
     args = parser.parse_args(argv)
 
     if args.command == "diff":
@@ -270,7 +273,21 @@ def main(argv: list[str]) -> int:
             other = f"+{s['other+']} -{s['other-']}"
             print(f"{before.label}→{after.label:<4} {files:>12} {code:>15} {other:>16}")
         return 0
+    if args.command == "layout":
+        return write_layouts(args.root)
     return propagate(args.root, args.step)
+
+
+def write_layouts(root: Path) -> int:
+    steps = all_steps(root)
+    for step in steps:
+        readme = step.path / "README.md"
+        text = readme.read_text()
+        new = with_layout(text, render(step, steps, step_files))
+        if new != text:
+            readme.write_text(new)
+            print(f"  {step.name}: Layout written")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Small helpers shared by every step's tests (imported from each step's conftest/tests)."""
+"""Small helpers shared by every step's tests (imported from each step's tests/)."""
 
 import asyncio
 import contextlib

@@ -1,0 +1,54 @@
+"""What this folder's tests call besides the fixtures of conftest.py: the step's folder,
+settings for test servers, and small helpers for calls, processes and log lines. Helpers
+that every step shares unchanged are in the repository's tests/support."""
+
+import asyncio
+import contextlib
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from greeter.v1 import greeter_pb2
+from server import RunningServer
+from settings import Settings
+from tools.processes import run_script
+
+STEP_DIR = Path(__file__).resolve().parent.parent  # the step folder
+
+
+def server_settings(**overrides) -> Settings:
+    """Server settings for tests: loopback, a free port, half a second of grace."""
+    return Settings(**{"host": "127.0.0.1", "port": 0, "grace": 0.5, **overrides})
+
+
+@dataclass
+class ServerInTest:
+    """A server started through running_server(), the lifetime serve() uses."""
+
+    running: RunningServer
+    lifetime: contextlib.AsyncExitStack
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    def shut_down(self) -> asyncio.Task:
+        """Leave the lifetime, as serve() does on SIGTERM, in a task the test can watch."""
+        return asyncio.create_task(self.lifetime.aclose())
+
+
+def run_client(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    """`python client.py args...` in this folder, as a learner runs it."""
+    return run_script(STEP_DIR, "client.py", *args, **kwargs)
+
+
+Request = greeter_pb2.HelloRequest
+
+
+async def rpc_error(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value

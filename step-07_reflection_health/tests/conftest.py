@@ -1,0 +1,90 @@
+"""The fixtures of this folder's tests: servers (in-process and real processes), channels,
+and what they need to run. What the tests call besides fixtures is in helpers.py."""
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from auth import TOKEN_VARIABLE
+from greeter.v1 import greeter_pb2_grpc
+from helpers import (
+    CERTS,
+    FAST_STREAM_INTERVAL,
+    STEP_DIR,
+    TEST_TOKEN,
+    ServerInTest,
+    open_channel,
+    server_settings,
+)
+from server import running_server
+from tests.support.helpers import require_binary
+from tools.processes import ServerProcess, make_certificates
+
+
+@pytest.fixture(autouse=True, scope="session")
+def secrets_in_the_environment():
+    """A fresh token, and certificates made by ./gen_certs.sh as a learner makes them. Server
+    and client processes read both from the environment, as a learner's do."""
+    require_binary(
+        "openssl", "sudo apt-get install openssl (Debian/Ubuntu), brew install openssl (macOS)"
+    )
+    tls_environment = make_certificates(STEP_DIR, CERTS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TOKEN_VARIABLE, TEST_TOKEN)
+        for name, value in tls_environment.items():
+            patch.setenv(name, value)
+        yield
+    shutil.rmtree(CERTS)
+
+
+@pytest.fixture(scope="session")
+def other_certs(tmp_path_factory) -> Path:
+    """A second, unrelated CA with its own server and client certificates."""
+    directory = tmp_path_factory.mktemp("other-certs")
+    make_certificates(STEP_DIR, directory)
+    return directory
+
+
+@pytest.fixture
+async def start_server():
+    """Start real servers (this folder's wiring and lifetime) on free loopback ports, in the
+    test's loop: `server = await start_server(servicer, grace=10)`. Each one still running
+    at the end of the test is shut down."""
+    lifetimes = []
+
+    async def start(servicer=None, **overrides) -> ServerInTest:
+        lifetime = contextlib.AsyncExitStack()
+        lifetimes.append(lifetime)
+        running = await lifetime.enter_async_context(
+            running_server(server_settings(**overrides), servicer)
+        )
+        return ServerInTest(running, lifetime)
+
+    yield start
+    for lifetime in reversed(lifetimes):
+        await lifetime.aclose()  # does nothing for a server the test shut down
+
+
+@pytest.fixture
+async def server_address(start_server):
+    return (await start_server(stream_interval=FAST_STREAM_INTERVAL)).address
+
+
+@pytest.fixture
+async def channel(server_address):
+    async with open_channel(server_address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel):
+    return greeter_pb2_grpc.GreeterStub(channel)
+
+
+@pytest.fixture
+def server_process():
+    """`python server.py --port 0` as a learner runs it."""
+    with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
+        yield process

@@ -1,0 +1,246 @@
+"""Retries and deadlines that add up, with real servers: a Logger that fails its first calls
+with UNAVAILABLE is retried as the policy says and stores the entry once; INVALID_ARGUMENT
+is never retried; a caller's deadline is never exceeded, however many retries are allowed;
+the Logger's deadline is never later than the Greeter's; a Logger replica killed under load
+loses no greeting and no entry."""
+
+import asyncio
+import collections
+import contextlib
+import signal
+import time
+
+import grpc
+import pytest
+
+from balancing import channel_options
+from greeter.v1 import greeter_pb2_grpc
+from helpers import STEP_DIR, Request, logged_greetings, logger_channel, open_channel, scrape, value
+from logger.v1 import logger_pb2, logger_pb2_grpc
+from logger_service import GreetingLogService
+from retries import DEADLINE_MARGIN_SECONDS, MAX_ATTEMPTS, REPORT_ATTEMPTS
+from service import Greeter
+from tests.support.helpers import eventually
+from tools.processes import StepServices
+
+RECORD = {"grpc_type": "unary", "grpc_service": "logger.v1.Logger", "grpc_method": "Record"}
+
+
+class FlakyLogger(GreetingLogService):
+    """Fails its first `failures` Record calls with UNAVAILABLE, and notes each attempt's
+    grpc-previous-rpc-attempts header (gRFC A6: 0 for a first attempt, n for a retry)."""
+
+    failures = 2
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.attempts: list[int] = []
+
+    async def Record(self, request, context):
+        headers = dict(context.invocation_metadata())
+        self.attempts.append(int(headers.get("grpc-previous-rpc-attempts", 0)))
+        if len(self.attempts) <= self.failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not now")
+        return await super().Record(request, context)
+
+
+class AlwaysFlakyLogger(FlakyLogger):
+    failures = 100
+
+
+class RefusingLogger(FlakyLogger):
+    """Refuses every Record with INVALID_ARGUMENT: the caller's mistake, not to be retried."""
+
+    async def Record(self, request, context):
+        self.attempts.append(0)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no")
+
+
+class StuckLogger(GreetingLogService):
+    async def Record(self, request, context):
+        await asyncio.Event().wait()
+
+
+class DeadlineWatchingLogger(GreetingLogService):
+    """Notes when each Record call must be answered by (time.monotonic())."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.deadlines: list[float] = []
+
+    async def Record(self, request, context):
+        self.deadlines.append(time.monotonic() + context.time_remaining())
+        return await super().Record(request, context)
+
+
+class DeadlineWatchingGreeter(Greeter):
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.deadlines: list[float] = []
+        self.left_at_reply: list[float] = []  # of the caller's deadline, as the reply leaves
+
+    async def SayHello(self, request, context):
+        self.deadlines.append(time.monotonic() + context.time_remaining())
+        reply = await super().SayHello(request, context)
+        self.left_at_reply.append(context.time_remaining())
+        return reply
+
+
+async def say_hello(address: str, timeout: float = 5) -> float:
+    """One SayHello that must succeed; how long it took."""
+    async with open_channel(address) as channel:
+        started = time.monotonic()
+        reply = await greeter_pb2_grpc.GreeterStub(channel).SayHello(
+            Request(name="Ada"), timeout=timeout
+        )
+    assert reply.message == "Hello, Ada!"
+    return time.monotonic() - started
+
+
+async def unlogged(server, code: str) -> float:
+    return value(
+        await scrape(server.metrics_address), "greeter_unlogged_greetings_total", grpc_code=code
+    )
+
+
+async def test_a_logger_failing_twice_is_retried_and_stores_the_entry_once(
+    start_server, start_logger
+):
+    logger = await start_logger(FlakyLogger)
+    # Attempts of 1 s each: gRPC's backoffs (50 ms, then up to 100 ms) fit in one with room,
+    # even on a loaded machine, so all three attempts are gRPC's.
+    server = await start_server(logger_target=logger.address, logger_timeout=3.0)
+    await say_hello(server.address)
+    assert logger.servicer.attempts == [0, 1, 2]  # the first attempt and two retries
+    [entry] = await logged_greetings(logger.address)
+    assert entry.greeting.names == ["Ada"]
+    assert await unlogged(server, "Unavailable") == 0
+
+
+async def test_retries_stop_at_the_policys_attempts(start_server, start_logger):
+    logger = await start_logger(AlwaysFlakyLogger)
+    server = await start_server(logger_target=logger.address, logger_timeout=3.0)
+    await say_hello(server.address)  # the greeting succeeds all the same
+    assert logger.servicer.attempts == list(range(MAX_ATTEMPTS))
+    assert await unlogged(server, "Unavailable") == 1
+
+
+async def test_invalid_argument_is_never_retried(start_server, start_logger):
+    logger = await start_logger(RefusingLogger)
+    server = await start_server(logger_target=logger.address)
+    await say_hello(server.address)
+    assert logger.servicer.attempts == [0]
+    assert await unlogged(server, "InvalidArgument") == 1
+
+
+@pytest.mark.parametrize("deadline", [0.3, 0.8])
+async def test_a_callers_deadline_is_never_exceeded(start_server, start_logger, deadline):
+    """The Logger is stuck and the Greeter would wait 5 s for it: the caller's deadline
+    wins. The Greeter answers before that deadline, with about its margin to spare for the
+    way back. (Checked where the reply leaves: in CI, with two suites on two cores, the way
+    back alone now and then took longer than the 50 ms margin.)"""
+    logger = await start_logger(StuckLogger)
+    server = await start_server(
+        DeadlineWatchingGreeter, logger_target=logger.address, logger_timeout=5.0
+    )
+    with contextlib.suppress(grpc.aio.AioRpcError):  # only if the way back was that slow
+        await say_hello(server.address, timeout=deadline)
+    [left] = server.servicer.left_at_reply
+    assert 0 < left <= DEADLINE_MARGIN_SECONDS, f"{left * 1000:.1f} ms left at the reply"
+    assert await unlogged(server, "DeadlineExceeded") == 1
+
+
+async def test_the_logger_never_has_more_time_than_the_greeter(start_server, start_logger):
+    logger = await start_logger(DeadlineWatchingLogger)
+    server = await start_server(
+        DeadlineWatchingGreeter, logger_target=logger.address, logger_timeout=5.0
+    )
+    for deadline in (0.5, 2.0, 10.0):
+        await say_hello(server.address, timeout=deadline)
+    for greeter_deadline, logger_deadline in zip(
+        server.servicer.deadlines, logger.servicer.deadlines, strict=True
+    ):
+        assert logger_deadline <= greeter_deadline - DEADLINE_MARGIN_SECONDS + 0.01
+    # With a generous caller deadline the Logger timeout is the limit instead.
+    assert logger.servicer.deadlines[2] < server.servicer.deadlines[2] - 4
+
+
+async def test_a_stuck_replica_costs_one_short_attempt_and_the_next_goes_elsewhere(
+    start_server, start_logger
+):
+    """Why the Greeter's own attempts (tenacity): of two Logger replicas, one takes every
+    Record and never answers. Each report that lands on it gives up after one attempt (a third
+    of the Logger timeout) and is sent again, round robin, to the other: every entry arrives,
+    and no greeting waits for the whole Logger timeout. Without these attempts, half the
+    reports would wait 3 s and be lost."""
+    stuck, healthy = await start_logger(StuckLogger), await start_logger()
+    server = await start_server(
+        logger_target=f"ipv4:{stuck.address},{healthy.address}", logger_timeout=3.0
+    )
+    durations = [await say_hello(server.address) for _ in range(10)]
+    assert len(await logged_greetings(healthy.address)) == 10
+    assert await unlogged(server, "DeadlineExceeded") == 0
+    # One short attempt (1 s) at most, never the whole Logger timeout (3 s).
+    assert max(durations) < 3.0 / REPORT_ATTEMPTS + 1.0, durations
+
+
+async def test_a_record_sent_twice_is_stored_once(start_logger):
+    logger = await start_logger()
+    request = logger_pb2.RecordRequest(
+        greeting=logger_pb2.Greeting(names=["Ada"], method="SayHello")
+    )
+    request.greeting.greeted_at.GetCurrentTime()
+    async with logger_channel(logger.address) as channel:
+        stub = logger_pb2_grpc.LoggerStub(channel)
+        metadata = (("x-request-id", "req-1"),)
+        first = await stub.Record(request, metadata=metadata, timeout=5)
+        again = await stub.Record(request, metadata=metadata, timeout=5)
+    assert first.sequence == again.sequence == 1
+    assert len(await logged_greetings(logger.address)) == 1
+
+
+async def test_a_logger_replica_killed_under_load_loses_no_greeting_and_no_entry():
+    """Two Loggers, round robin; 8 callers greet without pause; one Logger is killed
+    (SIGKILL: its connections drop mid-call). Its calls fail with UNAVAILABLE and are retried
+    on the other: every greeting succeeds and every report is acknowledged."""
+    # Each report and its retry within 2 s: room on a loaded machine, where the default
+    # Logger timeout (0.5 s) can run out before the retry lands.
+    with StepServices(
+        STEP_DIR, replicas={"logger": 2}, env={"GREETER_LOGGER_TIMEOUT": "2"}
+    ) as services:
+        victim = services["logger-2"]
+        results: collections.Counter = collections.Counter()
+        stop = asyncio.Event()
+
+        async def caller(stub) -> None:
+            while not stop.is_set():
+                try:
+                    await stub.SayHello(Request(name="Ada"), timeout=5)
+                    results["ok"] += 1
+                except grpc.aio.AioRpcError as error:
+                    results[error.code().name] += 1
+
+        greeter = services["greeter"]
+        async with open_channel(greeter.address, options=channel_options(greeter.address)) as ch:
+            stub = greeter_pb2_grpc.GreeterStub(ch)
+            callers = [asyncio.create_task(caller(stub)) for _ in range(8)]
+            await eventually(lambda: results["ok"] >= 200, message="load")
+            victim.process.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(victim.process.wait)
+            killed_at = results["ok"]
+            await eventually(lambda: results["ok"] >= killed_at + 200, message="more load")
+            stop.set()
+            await asyncio.gather(*callers)
+        samples = await scrape(greeter.addresses["metrics"])
+        lost = sum(
+            v
+            for (name, *labels), v in samples.items()
+            if name == "greeter_unlogged_greetings_total"
+        )
+        print(
+            f"FIGURES calls={sum(results.values())} failed={sum(results.values()) - results['ok']} entries_lost={lost}"
+        )
+        assert set(results) == {"ok"}, results
+        assert lost == 0, {k: v for k, v in samples.items() if "unlogged" in k[0] and v}
+        retried = value(samples, "grpc_client_handled_total", grpc_code="OK", **RECORD)
+        assert retried == results["ok"]
