@@ -5,7 +5,7 @@ The spans follow the OpenTelemetry RPC conventions (`rpc.system`, `rpc.service`,
 `rpc.method`, `rpc.grpc.status_code`). They are made here rather than by
 opentelemetry-instrumentation-grpc's aio interceptors, which record OK for a handler
 exception, a deadline or a cancel, add every abort twice as an exception event, and, on
-the client, never export the span of a cancelled call (see the README).
+the client, export a cancelled call's span as OK or not at all (see the README).
 
 Configuration is OpenTelemetry's own: OTEL_EXPORTER_OTLP_ENDPOINT (no endpoint: no export),
 OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, read by the SDK.

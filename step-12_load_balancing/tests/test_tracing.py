@@ -12,6 +12,7 @@ import urllib.request
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from helpers import (
@@ -374,3 +375,104 @@ async def test_a_collector_that_is_down_fails_no_call_and_is_reported_once():
     assert server.output.count("traces cannot be exported") == 1
     assert "traces are exported to" in server.output and " again (" in server.output
     assert "ERROR" not in server.output and "Traceback" not in server.output
+
+
+# What opentelemetry-instrumentation-grpc 0.66b2's aio interceptors record for each outcome of
+# OUTCOMES, measured: (method, outcome) -> what may be recorded: (server span, client span),
+# each as (status, rpc.grpc.status_code, events), None for a span never exported. Where it
+# differs from tracing.py: the server says OK (0) for a bug, a deadline and a cancel, never
+# an error status, and adds two exception events for an abort or a bug; a cancelled call's
+# client span is never exported, or (a stream, depending on timing) exported as OK; a failed
+# stream's client span gets an exception event.
+TWICE = ("exception", "exception")
+CANCELLED = ("UNSET", 0, ())  # the server's span of a cancelled call
+LIBRARY_RECORDS = {
+    **{
+        ("SayHello", o): {(s, ("ERROR", c, ()))}
+        for o, s, c in [
+            ("abort", ("UNSET", 3, TWICE), 3),
+            ("fail", ("UNSET", 0, TWICE), 2),
+            ("run_past_the_deadline", ("UNSET", 0, ()), 4),
+        ]
+    },
+    **{
+        (m, o): {(s, ("ERROR", c, ("exception",)))}
+        for m in ("StreamGreetings", "Chat")
+        for o, s, c in [
+            ("abort", ("UNSET", 3, TWICE), 3),
+            ("fail", ("UNSET", 0, TWICE), 2),
+            ("run_past_the_deadline", ("UNSET", 0, ()), 4),
+        ]
+    },
+    ("SayHello", "cancel"): {(CANCELLED, None)},
+    **{
+        (m, "cancel"): {(CANCELLED, None), (CANCELLED, CANCELLED)}
+        for m in ("StreamGreetings", "Chat")
+    },
+}
+
+
+def greeter_span(span, trace_id: str, method: str) -> bool:
+    """A span of the Greeter's own RPC in the trace (from step 10 on, the trace also holds
+    its report to the Logger)."""
+    return span.trace_id == trace_id and span.name.endswith(f"Greeter/{method}")
+
+
+@contextlib.asynccontextmanager
+async def traced_by_the_library(servicer):
+    """A server and a client traced by opentelemetry-instrumentation-grpc's aio interceptors
+    instead of tracing.py's (no TLS, no token: only tracing differs); yields (stub, trace
+    id). On the way out, both sides' spans are exported."""
+    async with tracer_provider("greeter") as server_provider:
+        server = grpc.aio.server(
+            interceptors=[aio_server_interceptor(tracer_provider=server_provider)]
+        )
+        greeter_pb2_grpc.add_GreeterServicer_to_server(servicer, server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        try:
+            async with tracer_provider("test-client") as client_provider:
+                interceptors = aio_client_interceptors(tracer_provider=client_provider)
+                with client_provider.get_tracer("test").start_as_current_span("test") as root:
+                    trace_id = format(root.get_span_context().trace_id, "032x")
+                    async with grpc.aio.insecure_channel(address, interceptors=interceptors) as c:
+                        yield greeter_pb2_grpc.GreeterStub(c), trace_id
+        finally:
+            await server.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("method", "outcome", "servicer", "code", "server_status", "client_status"),
+    OUTCOMES,
+    ids=[f"{m}-{o.__name__}" for m, o, *_ in OUTCOMES],
+)
+async def test_the_instrumentation_library_records_what_the_readme_says(
+    start_server, receiver, method, outcome, servicer, code, server_status, client_status
+):
+    """Why tracing.py makes its own spans, kept honest: the library's aio interceptors run
+    through the same outcomes, and record exactly LIBRARY_RECORDS. The day a new version
+    gets one right, this test fails, and tracing.py can hand that case to the library."""
+    # The Greeter of a real server, with what it needs (its Logger, from step 16 on the
+    # broker), served a second time by a server that only the library traces.
+    greeter = (await start_server(servicer, stream_interval=0.2)).servicer
+    async with traced_by_the_library(greeter) as (stub, trace_id):
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await (outcome(stub, method, greeter) if outcome is cancel else outcome(stub, method))
+        if isinstance(greeter, GatedGreeter):
+            # With the library's client, the handler of a cancelled call may still be
+            # waiting (the server did not always hear of the cancel): let it answer, so that
+            # its span ends either way.
+            greeter.gate.set()
+        # The server ends its span when its handler has ended, a moment after the client.
+        await eventually(
+            lambda: any(
+                s.kind == "SERVER" and greeter_span(s, trace_id, method) for s in receiver.spans
+            ),
+            message="the server's span",
+        )
+    spans = {s.kind: s for s in receiver.spans if greeter_span(s, trace_id, method)}
+    recorded = tuple(
+        (s.status, s.attributes["rpc.grpc.status_code"], s.events) if s else None
+        for s in (spans.get("SERVER"), spans.get("CLIENT"))
+    )
+    assert recorded in LIBRARY_RECORDS[method, outcome.__name__]
