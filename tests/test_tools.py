@@ -134,6 +134,14 @@ def test_test_runner_fails_on_a_failing_test(tmp_path):
     )
 
 
+def test_test_runner_shows_the_slowest_tests(tmp_path):
+    scratch_step(tmp_path, "def test_one():\n    pass\n\n\ndef test_two():\n    pass\n")
+    result = tool("run_tests.py", "--root", str(tmp_path), env={"CI": ""})
+    slowest = result.stdout.split("the 2 slowest of 2 tests (")[1]
+    for name in ("test_one", "test_two"):
+        assert f"s  step-01_scratch: test_scratch::{name}\n" in slowest, slowest
+
+
 def test_test_runner_counts_a_skip_as_a_failure_in_ci(tmp_path):
     scratch_step(
         tmp_path, "import pytest\n\n\ndef test_needs_binary():\n    pytest.skip('no binary')\n"

@@ -5,8 +5,8 @@
 Steps share module names (server, service, greeter.v1...), so one process cannot import two
 steps: each gets its own, and up to one per CPU core run at once, the latest (and longest)
 steps first. The repo-level tests (tests/) run last, since some of them run the steps' code
-too. Prints a line per run as it finishes, then the output of every failed run and a summary
-table; exits 1 if anything failed. With CI=true a skipped test counts as a failure: CI must
+too. Prints a line per run as it finishes, then the output of every failed run, a summary
+table and the slowest tests; exits 1 if anything failed. With CI=true a skipped test counts as a failure: CI must
 have every real component the tests use.
 """
 
@@ -18,7 +18,7 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -36,6 +36,7 @@ class Run:
     seconds: float = 0.0
     output: str = ""
     problem: str = ""  # why the run counts as failed beyond failed tests
+    durations: list[tuple[float, str]] = field(default_factory=list)  # (seconds, test id)
 
     @property
     def ok(self) -> bool:
@@ -87,6 +88,10 @@ def run_pytest(run: Run, ci: bool) -> Run:
             run.failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
             run.skipped = int(suite.get("skipped", 0))
             run.passed = total - run.failed - run.skipped
+            run.durations = [
+                (float(case.get("time", 0)), f"{case.get('classname')}::{case.get('name')}")
+                for case in suite.iter("testcase")
+            ]
     if process.returncode == 5 or run.passed + run.failed + run.skipped == 0:
         run.problem = "no tests ran"
     elif process.returncode != 0 and run.failed == 0:
@@ -119,8 +124,30 @@ def print_summary(runs: list[Run], seconds: float) -> None:
     failed = sum(r.failed for r in runs)
     skipped = sum(r.skipped for r in runs)
     print(f"{'total':<{width}}  {passed:>6}  {failed:>6}  {skipped:>7}  {seconds:>7.1f}")
+    print_slowest(runs)
     # The plain closing line CI systems look for.
     print(f"\n{passed} passed, {failed} failed, {skipped} skipped")
+
+
+SLOWEST_SHOWN = 20
+
+
+def print_slowest(runs: list[Run]) -> None:
+    """Where the time goes: the slowest tests of every run (setup and teardown included)."""
+    timed = sorted(
+        ((seconds, f"{r.name}: {test}") for r in runs for seconds, test in r.durations),
+        reverse=True,
+    )
+    if not timed:
+        return
+    total = sum(seconds for seconds, _ in timed)
+    shown = timed[:SLOWEST_SHOWN]
+    print(
+        f"\nthe {len(shown)} slowest of {len(timed)} tests "
+        f"({sum(s for s, _ in shown):.0f} s of {total:.0f} s in tests):"
+    )
+    for seconds, test in shown:
+        print(f"{seconds:7.1f}s  {test}")
 
 
 def main(argv: list[str]) -> int:
