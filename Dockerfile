@@ -13,11 +13,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /app
-# Only the runtime packages of pyproject.toml, at the exact versions of the lock (the lock
-# also pins the development tools, which an image does not need).
-COPY pyproject.toml requirements.lock ./
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > runtime.txt \
-    && pip install --constraint requirements.lock --requirement runtime.txt
+# Only the services' packages (requirements-runtime.lock: the versions of requirements.lock,
+# without the development tools), every file checked against the lock's hashes.
+COPY requirements-runtime.lock ./
+RUN pip install --require-hashes --requirement requirements-runtime.lock
 
 RUN useradd --create-home --uid 10001 greeter
 COPY tools/healthcheck.py /app/healthcheck.py

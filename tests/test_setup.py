@@ -1,4 +1,5 @@
-"""The set-up the two commands do: a virtual env installed from an exact lock, once."""
+"""The set-up the two commands do: a virtual env installed from an exact lock with hashes,
+once; and the image's lock, the same versions without the development tools."""
 
 import re
 import subprocess
@@ -7,23 +8,61 @@ import tomllib
 from tools.steps import ROOT
 
 LOCK = ROOT / "requirements.lock"
+RUNTIME_LOCK = ROOT / "requirements-runtime.lock"
+PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)==(\S+)")
 
 
-def locked_packages() -> dict[str, str]:
-    pins = {}
-    for line in LOCK.read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            assert version, f"not an exact pin: {line!r}"
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked_packages(lock) -> dict[str, list[str]]:
+    """{package: [its version, then the hashes listed under it]} as pip-compile writes them."""
+    pins: dict[str, list[str]] = {}
+    current = None
+    for line in lock.read_text().splitlines():
+        if match := PIN.match(line):
+            current = normalized(match.group(1))
+            pins[current] = [match.group(2)]
+        elif current and (hashed := re.search(r"--hash=(sha256:[0-9a-f]{64})", line)):
+            pins[current].append(hashed.group(1))
+        elif line.strip() and not line.lstrip().startswith("#"):
+            assert line.startswith(" ") or line.startswith("\t"), f"not a pin: {line!r}"
     return pins
 
 
-def test_the_lock_pins_every_dependency_of_pyproject():
+def project_names(*groups: str) -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
-    names = {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ;]", name)[0]).lower() for name in wanted}
-    assert names <= set(locked_packages()), "run `make lock`"
+    wanted = [
+        name
+        for group in groups
+        for name in (
+            project["dependencies"]
+            if group == "runtime"
+            else project["optional-dependencies"][group]
+        )
+    ]
+    return {normalized(re.split(r"[<>=!~\[ ;]", name)[0]) for name in wanted}
+
+
+def test_the_lock_pins_every_dependency_of_pyproject():
+    assert project_names("runtime", "dev") <= set(locked_packages(LOCK)), "run `make lock`"
+
+
+def test_every_locked_package_has_its_hashes():
+    for lock in (LOCK, RUNTIME_LOCK):
+        unhashed = [name for name, (_, *hashes) in locked_packages(lock).items() if not hashes]
+        assert not unhashed, f"{lock.name}: no hashes for {unhashed}"
+    assert "setuptools" in locked_packages(LOCK), "grpcio-tools needs it: pinned too"
+
+
+def test_the_runtime_lock_has_the_full_locks_versions_for_the_services_only():
+    full, runtime = locked_packages(LOCK), locked_packages(RUNTIME_LOCK)
+    assert project_names("runtime") <= set(runtime), "run `make lock`"
+    assert {name: pin[0] for name, pin in runtime.items()} == {
+        name: full[name][0] for name in runtime
+    }
+    assert not project_names("dev") & set(runtime), "a development tool in the image's lock"
 
 
 def test_a_second_run_does_not_reinstall():
