@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from tools.broker import KafkaBroker, S3Server
 from tools.envoy import local_config, socket_addresses
-from tools.processes import ServerProcess
+from tools.processes import ServerProcess, free_port
 from tools.steps import ROOT
 
 
@@ -194,7 +194,8 @@ def test_a_restarted_server_comes_back_at_its_address_with_its_earlier_output(tm
         signal.pause()
     """,
     )
-    first = ServerProcess(tmp_path)
+    # Below the kernel's ephemeral range, so that nothing takes the port while it is down.
+    first = ServerProcess(tmp_path, "--port", str(free_port()))
     with pytest.raises(RuntimeError, match="is still running"):
         first.restarted()
     assert first.stop() == 0

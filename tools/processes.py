@@ -208,7 +208,9 @@ class ServerProcess:
 
     def restarted(self) -> "ServerProcess":
         """The same server started again on the port it had, once it has stopped: a
-        dependency that comes back at the address its callers know."""
+        dependency that comes back at the address its callers know. Start it first with
+        `--port` from free_port(): a port the kernel chose (`--port 0`) is in its ephemeral
+        range, and may be given to another process's outgoing connection meanwhile."""
         if self.process.poll() is None:
             raise RuntimeError(f"{' '.join(self.command)} is still running")
         step_dir, args, script, env, ready_timeout, log_path = self._start
@@ -267,8 +269,10 @@ class StepServices:
     second Greeter is `services["greeter-2"]`, and the services started after it get every
     replica's address as one target (`ipv4:HOST:PORT,HOST:PORT`). `args` adds arguments per
     service name, `replica_env` settings per process name (step 17: "greeter-3" is the
-    canary), `log_dir` a file for each process's output (NAME.log). Stops them in reverse
-    order (callers first) and keeps their exit codes in `returncodes`."""
+    canary), `ports` a port per process name where the kernel's choice will not do (one a
+    restart must find free again), `log_dir` a file for each process's output (NAME.log).
+    Stops them in reverse order (callers first) and keeps their exit codes in
+    `returncodes`."""
 
     def __init__(
         self,
@@ -278,6 +282,7 @@ class StepServices:
         replicas: dict[str, int] | None = None,
         replica_env: dict[str, dict[str, str]] | None = None,
         log_dir: Path | None = None,
+        ports: dict[str, int] | None = None,
     ):
         self.processes: dict[str, ServerProcess] = {}
         self.returncodes: dict[str, int] = {}
@@ -293,9 +298,11 @@ class StepServices:
                 for number in range(1, (replicas or {}).get(service.name, 1) + 1):
                     name = service.name if number == 1 else f"{service.name}-{number}"
                     given = {**wiring, **(replica_env or {}).get(name, {})}
+                    port = (ports or {}).get(name)
                     process = ServerProcess(
                         step_dir,
                         *(args or {}).get(service.name, ()),
+                        *(("--port", str(port)) if port else ()),  # a later --port wins
                         script=service.script,
                         env={**(env or {}), **given},
                         log_path=None if log_dir is None else log_dir / f"{name}.log",

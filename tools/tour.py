@@ -26,7 +26,7 @@ from tools import dashboards
 from tools.broker import KafkaBroker, S3Server
 from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
-from tools.processes import StepServices, demo_environment, run_script, run_tool
+from tools.processes import StepServices, demo_environment, free_port, run_script, run_tool
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
 from tools.steps import ROOT, Step, select_steps
 
@@ -564,6 +564,9 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             env | dict(entry.server_env),
             replicas=dict(entry.replicas),
             replica_env=RELEASES if entry.envoy else None,
+            # A service the tour restarts comes back at its address: a port below the
+            # kernel's ephemeral range, which no outgoing connection can take meanwhile.
+            ports={d.args[0]: free_port() for d in entry.demos if d.program == "restart"},
         )
         for name, server in services.processes.items():
             wiring = "".join(f"{k}={v} " for k, v in services.wiring[name].items())

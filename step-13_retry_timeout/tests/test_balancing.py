@@ -17,7 +17,7 @@ from balancing import channel_options, served_by
 from greeter.v1 import greeter_pb2_grpc
 from helpers import STEP_DIR, Request, logged_greetings, open_channel, run_client, scrape, value
 from tests.support.helpers import closed_port, eventually
-from tools.processes import ServerProcess, StepServices, run_script
+from tools.processes import ServerProcess, StepServices, free_port, run_script
 
 HOST = socket.gethostname()
 
@@ -62,6 +62,9 @@ def three_greeters():
         STEP_DIR,
         replicas={"greeter": 3},
         args={"greeter": ("--drain-delay", "1")},
+        # Below the kernel's ephemeral range: the replica the restart test stops can come
+        # back at its address (no outgoing connection can be given the port meanwhile).
+        ports={"greeter-2": free_port()},
         # The Logger gets all the time it needs: the tests count entries, and on a loaded
         # machine a report can take longer than the default 0.5 s (and be left out).
         env={"GREETER_LOGGER_TIMEOUT": "5"},

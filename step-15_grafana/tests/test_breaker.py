@@ -16,6 +16,7 @@ from greeter.v1 import greeter_pb2_grpc
 from helpers import Request, logged_greetings, open_channel, scrape, value
 from logger_service import GreetingLogService
 from tests.support.helpers import eventually
+from tools.processes import free_port
 
 FAILURES = 3  # GREETER_LOGGER_BREAKER_FAILURES in these tests
 LOGGER_TIMEOUT = 0.5  # the default GREETER_LOGGER_TIMEOUT
@@ -66,8 +67,8 @@ def breaker_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "greeter.breaker"]
 
 
-async def start_pair(start_server, start_logger, reset: float, **overrides):
-    logger = await start_logger(SwitchableLogger)
+async def start_pair(start_server, start_logger, reset: float, logger_port=0, **overrides):
+    logger = await start_logger(SwitchableLogger, port=logger_port)
     server = await start_server(
         logger_target=logger.address,
         logger_breaker_failures=FAILURES,
@@ -120,8 +121,10 @@ async def test_a_restarted_logger_closes_the_breaker_after_one_trial_call(
 ):
     caplog.set_level(logging.INFO, logger="greeter.breaker")
     reset = 0.5
-    server, logger = await start_pair(start_server, start_logger, reset=reset)
-    port = int(logger.address.rsplit(":", 1)[1])
+    # A port below the kernel's ephemeral range: while the Logger is away, no outgoing
+    # connection of another process can be given it, so the Logger can come back there.
+    port = free_port()
+    server, logger = await start_pair(start_server, start_logger, reset=reset, logger_port=port)
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         await logger.shut_down()

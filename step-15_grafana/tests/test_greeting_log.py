@@ -180,10 +180,15 @@ async def test_a_restarted_logger_gets_entries_again_without_restarting_the_gree
     start_server, start_logger
 ):
     # The breaker opens while the channel reconnects; a short reset keeps its trials frequent.
-    server = await start_server(logger_timeout=LOGGER_TIMEOUT, logger_breaker_reset=0.5)
-    port = int(server.logger.address.rsplit(":", 1)[1])
+    # A port below the kernel's ephemeral range: while the Logger is away, no outgoing
+    # connection of another process can be given it, so the Logger can come back there.
+    port = free_port()
+    first = await start_logger(port=port)
+    server = await start_server(
+        logger_target=first.address, logger_timeout=LOGGER_TIMEOUT, logger_breaker_reset=0.5
+    )
     await say_hello(server.address, "Before")
-    await server.logger.shut_down()
+    await first.shut_down()
     await say_hello(server.address, "During")  # lost, and counted
     logger = await start_logger(port=port)  # the Logger is back, at the same address
 
