@@ -6,9 +6,9 @@ The step's services (its replicas from step 12 on, as the tour runs them), each 
 port with the step's default settings; from step 08 a real Prometheus scraping them with the
 step's alert rules, its web UI on a printed port; from step 09 a trace receiver that prints
 each finished trace here as a tree; from step 16 the broker (Enter stops it and starts it
-again, as in the step's README); from step 17 Envoy in front of the Greeters. It prints every address, where the tokens and each process's log are, and
-commands to try from another terminal. Ctrl-C (or SIGTERM, SIGHUP) stops everything it
-started; the logs stay.
+again, as in the step's README); from step 17 Envoy in front of the Greeters. It prints
+every address, where the tokens and each process's log are, and commands to try from
+another terminal. Ctrl-C (or SIGTERM, SIGHUP) stops everything it started; the logs stay.
 """
 
 import argparse
