@@ -9,6 +9,7 @@ request, unary or streaming reply), and picks client interceptors by kind. Featu
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Callable
 
 import grpc
@@ -21,7 +22,8 @@ def wrap_handler(
     handler: grpc.RpcMethodHandler, wrap: Callable[[Behaviour, bool], Behaviour]
 ) -> grpc.RpcMethodHandler:
     """The same handler with its behaviour replaced by `wrap(behaviour, response_streaming)`,
-    whatever kind of RPC it serves. Server interceptors use this to run code around a call."""
+    whatever kind of RPC it serves. Server interceptors use this to run code around a call.
+    A streaming behaviour is always an async generator here, however its handler writes."""
     kinds = {
         (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary),
         (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream),
@@ -29,11 +31,70 @@ def wrap_handler(
         (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
     }
     make_handler, behaviour = kinds[handler.request_streaming, handler.response_streaming]
+    if handler.response_streaming:
+        behaviour = yielded(behaviour)
     return make_handler(
         wrap(behaviour, handler.response_streaming),
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+def yielded(behaviour: Behaviour) -> Behaviour:
+    """A streaming behaviour as an async generator of its replies.
+
+    grpc.aio lets a streaming handler yield its replies or write them with
+    `await context.write(reply)` and return. Ours yield; grpcio-health-checking's Watch (step
+    07) and many a third-party servicer write. A writer runs in a task of its own here, with a
+    context whose `write` hands the reply to this generator and returns once it has been
+    sent on, as grpc.aio's does. Its exception, or its abort, ends the generator; closing the
+    generator (the call cancelled, its deadline, the server's stop) cancels the writer."""
+    if inspect.isasyncgenfunction(behaviour):
+        return behaviour
+
+    async def replies(request_or_iterator, context):
+        writes = WritesYielded(context)
+        writer = asyncio.ensure_future(behaviour(request_or_iterator, writes))
+        try:
+            while True:
+                reply = asyncio.ensure_future(writes.next_reply())
+                await asyncio.wait({reply, writer}, return_when=asyncio.FIRST_COMPLETED)
+                if not reply.done():  # the writer returned or raised: no more replies
+                    reply.cancel()
+                    break
+                yield reply.result()
+                writes.sent()
+            await writer  # its exception, if any, is the call's
+        finally:
+            if not writer.done():
+                writer.cancel()
+                await asyncio.wait({writer})  # its cleanup (finally blocks) runs now
+            if not writer.cancelled():
+                writer.exception()  # retrieved: asyncio would log it as never retrieved
+
+    return replies
+
+
+class WritesYielded:
+    """The context a writing handler is given by `yielded`: the call's own, but `write`
+    hands each reply over instead of sending it."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+        self._replies: asyncio.Queue = asyncio.Queue(maxsize=1)
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)  # abort, invocation_metadata, read, ...
+
+    async def write(self, reply) -> None:
+        await self._replies.put(reply)
+        await self._replies.join()  # until the reply has been sent on (sent)
+
+    async def next_reply(self):
+        return await self._replies.get()
+
+    def sent(self) -> None:
+        self._replies.task_done()
 
 
 class OncePerMethod:

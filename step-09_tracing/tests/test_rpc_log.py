@@ -5,10 +5,12 @@ import logging
 import grpc
 import pytest
 
-from greeter.v1 import greeter_pb2_grpc
+from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from helpers import (
+    FAST_STREAM_INTERVAL,
     TEST_USER,
     Request,
+    WritingGreeter,
     assert_rpc_line,
     messages,
     open_channel,
@@ -114,6 +116,70 @@ async def test_stream_log_line_is_written_when_the_stream_ends(start_server, cap
     await eventually(lambda: rpc_records(caplog, "greeter.rpc"), message="the RPC's log line")
     [record] = rpc_records(caplog, "greeter.rpc")
     assert record.rpc_duration_ms >= 2 * 0.1 * 1000 * 0.9  # it covers the whole stream
+
+
+STREAM_OUTCOMES = [outcome for outcome in RPC_OUTCOMES if outcome[1] != "SayHello"]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "method", "code"),
+    STREAM_OUTCOMES,
+    ids=[scenario.__name__ for scenario, _, _ in STREAM_OUTCOMES],
+)
+async def test_a_stream_written_with_context_write_is_logged_as_a_yielded_one(
+    start_server, caplog, scenario, method, code
+):
+    """grpc.aio lets a streaming handler write its replies instead of yielding them, as the
+    health service does (step 07): every interceptor sees both alike."""
+    caplog.set_level(logging.INFO, logger="greeter")
+    address = (await start_server(WritingGreeter(FAST_STREAM_INTERVAL))).address
+    async with open_channel(address) as channel:
+        await scenario(greeter_pb2_grpc.GreeterStub(channel))
+    await eventually(lambda: rpc_records(caplog, "greeter.rpc"), message="the RPC's log line")
+    [record] = rpc_records(caplog, "greeter.rpc")
+    assert_rpc_line(record, method, code, user=TEST_USER)
+    # The handler has ended, its own cleanup included, when the call is logged.
+    handler_lines = [r for r in caplog.records if r.name == "greeter.service"]
+    assert all(caplog.records.index(line) < caplog.records.index(record) for line in handler_lines)
+
+
+async def test_written_replies_arrive_as_yielded_ones_do(start_server):
+    received = []
+    for greeter in (Greeter(FAST_STREAM_INTERVAL), WritingGreeter(FAST_STREAM_INTERVAL)):
+        address = (await start_server(greeter)).address
+        async with open_channel(address) as channel:
+            stub = greeter_pb2_grpc.GreeterStub(channel)
+            stream = await messages(stub.StreamGreetings(Request(name="Ada", count=3), timeout=5))
+            chat = stub.Chat(timeout=5)
+            replies = [await say(chat, "Ada"), await say(chat, "Grace")]
+            await chat.done_writing()
+            assert await chat.read() is grpc.aio.EOF
+            received.append((stream, replies))
+    yielded, written = received
+    assert written == yielded
+    assert yielded[0] == ["Hello, Ada! (1/3)", "Hello, Ada! (2/3)", "Hello, Ada! (3/3)"]
+
+
+class BrokenWriter(Greeter):
+    async def StreamGreetings(self, request, context):
+        await context.write(greeter_pb2.HelloReply(message="one"))
+        raise RuntimeError("a bug in the handler")
+
+
+async def test_a_failing_writer_is_logged_with_its_traceback(start_server, caplog):
+    caplog.set_level(logging.INFO, logger="greeter.rpc")
+    address = (await start_server(BrokenWriter())).address
+    async with open_channel(address) as channel:
+        call = greeter_pb2_grpc.GreeterStub(channel).StreamGreetings(
+            Request(name="Ada", count=2), timeout=5
+        )
+        assert (await call.read()).message == "one"
+        error = await rpc_error(call.read())
+    assert error.code() == grpc.StatusCode.UNKNOWN
+    await eventually(lambda: rpc_records(caplog, "greeter.rpc"), message="the RPC's log line")
+    [record] = rpc_records(caplog, "greeter.rpc")
+    assert_rpc_line(record, "StreamGreetings", "UNKNOWN", user=TEST_USER)
+    assert isinstance(record.exc_info[1], RuntimeError)
 
 
 class BrokenGreeter(Greeter):

@@ -34,6 +34,22 @@ from tools.processes import run_script
 STEP_DIR = Path(__file__).resolve().parent.parent  # the step folder
 
 
+class WritingGreeter(Greeter):
+    """The Greeter with its streams written (`await context.write(reply)`) instead of
+    yielded, as grpcio-health-checking's Watch and many a third-party servicer write theirs:
+    the interceptors must treat both alike (interceptors.yielded)."""
+
+    async def StreamGreetings(self, request, context):
+        async with contextlib.aclosing(super().StreamGreetings(request, context)) as replies:
+            async for reply in replies:
+                await context.write(reply)
+
+    async def Chat(self, request_iterator, context):
+        async with contextlib.aclosing(super().Chat(request_iterator, context)) as replies:
+            async for reply in replies:
+                await context.write(reply)
+
+
 # Streams in tests: replies 20 ms apart instead of 500 ms keep the tests fast.
 FAST_STREAM_INTERVAL = 0.02
 
