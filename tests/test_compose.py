@@ -13,6 +13,7 @@ from pathlib import Path
 
 import compose
 import pytest
+import yaml
 
 from tests.support.helpers import require_binary
 from tools.processes import ServerProcess, demo_environment
@@ -101,6 +102,32 @@ def test_compose_runs_kafka_and_points_every_service_at_it():
     assert [v["type"] for v in kafka["volumes"]] == ["volume"]
     for name in ("greeter", "greeter-2", "greeter-3", "logger", "logger-2"):
         assert services[name]["environment"]["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092", name
+
+
+def test_compose_runs_jaeger_v2_with_a_configuration_that_takes_what_the_services_send():
+    """Jaeger v2 reads only its own YAML (an OpenTelemetry Collector configuration): every
+    component a pipeline names is defined, the query UI and the exporter use the one storage
+    defined, and OTLP/gRPC is received on the port the services export to."""
+    config = compose_config(all_steps()[-1].name)
+    jaeger = config["services"]["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/jaeger:2.")
+    [mounted] = jaeger["configs"]
+    assert jaeger["command"] == ["--config", mounted["target"]]
+    own = yaml.safe_load(config["configs"][mounted["source"]]["content"])
+    for kind, names in own["service"]["pipelines"]["traces"].items():
+        assert set(names) <= set(own[kind]), kind
+    assert set(own["service"]["extensions"]) <= set(own["extensions"])
+    storages = own["extensions"]["jaeger_storage"]["backends"]
+    assert own["extensions"]["jaeger_query"]["storage"]["traces"] in storages
+    assert own["exporters"]["jaeger_storage_exporter"]["trace_storage"] in storages
+    grpc_in = own["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
+    ui = own["extensions"]["jaeger_query"]["http"]["endpoint"]
+    assert {int(grpc_in.rsplit(":", 1)[1]), int(ui.rsplit(":", 1)[1])} == {
+        port["target"] for port in jaeger["ports"]
+    }
+    for name in ("greeter", "logger"):
+        exported_to = config["services"][name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"]
+        assert exported_to == f"http://jaeger:{grpc_in.rsplit(':', 1)[1]}", name
 
 
 def test_compose_runs_envoy_with_the_steps_config_in_front_of_both_releases():
