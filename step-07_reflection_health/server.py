@@ -125,7 +125,7 @@ async def running_server(
     step that holds more (a metrics server, a channel) enters it in the same exit stack."""
     greeter = servicer or Greeter(settings.stream_interval)
     # NOT_SERVING until everything has started: a probe never sees a half-started server.
-    health = HealthService([GREETER_SERVICE])
+    health = await HealthService.starting([GREETER_SERVICE])
     async with contextlib.AsyncExitStack() as resources:
         server, port = build_server(settings, greeter, health)
         await server.start()

@@ -129,7 +129,7 @@ async def running_server(
     step that holds more (a metrics server, a channel) enters it in the same exit stack."""
     greeter = servicer or Greeter(settings.stream_interval)
     # NOT_SERVING until everything has started: a probe never sees a half-started server.
-    health = HealthService([GREETER_SERVICE])
+    health = await HealthService.starting([GREETER_SERVICE])
     registry = CollectorRegistry()  # this server's own: tests run several servers at once
     metrics = ServerMetrics(registry, greeter.shutting_down)
     metrics.initialize(

@@ -20,14 +20,13 @@ served over HTTP by `serving_metrics`, on a port of its own.
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
 import prometheus_client
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.exposition import choose_encoder
 
 from interceptors import Behaviour, OncePerMethod, current_trace_id, status_of, wrap_handler
 
@@ -304,22 +303,20 @@ class ClientMetrics(grpc.aio.UnaryUnaryClientInterceptor):
 
 @contextlib.asynccontextmanager
 async def serving_metrics(host: str, port: int, registry: CollectorRegistry) -> AsyncIterator[str]:
-    """`GET /metrics` over HTTP on host:port (0: a free one), served by the event loop, for
-    as long as the block runs; yields the address it listens on. A scrape is answered
-    between RPCs: generating the text of this registry takes well under a millisecond, and a
-    loop too busy to answer it is worth seeing as a failed scrape."""
+    """`GET /metrics` over HTTP on host:port (0: a free one), for as long as the block runs;
+    yields the address it listens on. The answer is prometheus_client's own WSGI app
+    (`make_wsgi_app`: the text or OpenMetrics format the scraper asks for, gzip when it
+    accepts it); the connection is the event loop's, so that a scrape is answered between
+    RPCs (generating this registry's text takes well under a millisecond), no thread waits
+    on a slow scraper, and the endpoint stops the moment the server does (step 08's README
+    says why not prometheus_client's HTTP server)."""
+    app = prometheus_client.make_wsgi_app(registry)
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(SCRAPE_TIMEOUT_SECONDS):  # the whole exchange
                 head = await reader.readuntil(b"\r\n\r\n")  # request line and headers
-                status, body, content_type = metrics_response(head, registry)
-                writer.write(
-                    f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                )
-                if not head.startswith(b"HEAD "):
-                    writer.write(body)
+                writer.write(http_response(head, app))
                 await writer.drain()
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass  # a client that is too slow, sends too much or goes away: just hang up
@@ -339,17 +336,22 @@ async def serving_metrics(host: str, port: int, registry: CollectorRegistry) -> 
         await server.wait_closed()
 
 
-def metrics_response(head: bytes, registry: CollectorRegistry) -> tuple[str, bytes, str]:
-    """(status, body, content type) for a request's head: the registry's text for
-    `GET /metrics`, in the format the scraper asks for (Prometheus text or OpenMetrics)."""
-    request_line, *header_lines = head.decode("latin-1").split("\r\n")
+def http_response(head: bytes, app: Callable) -> bytes:
+    """The whole HTTP/1.1 response to a request's head: the WSGI `app`'s answer for
+    `/metrics` (it answers any path; other paths get a 404 that says where to look)."""
+    request_line, *header_lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
     method, _, rest = request_line.partition(" ")
-    path = rest.split(" ")[0].split("?")[0]
-    if method not in ("GET", "HEAD"):
-        return "405 Method Not Allowed", b"only GET\n", "text/plain"
+    path, _, query = rest.split(" ")[0].partition("?")
     if path != "/metrics":
-        return "404 Not Found", b"see /metrics\n", "text/plain"
-    headers = dict(line.split(":", 1) for line in header_lines if ":" in line)
-    accept = next((v.strip() for k, v in headers.items() if k.strip().lower() == "accept"), "")
-    encoder, content_type = choose_encoder(accept)
-    return "200 OK", encoder(registry), content_type
+        status, headers, body = "404 Not Found", [("Content-Type", "text/plain")], b"see /metrics\n"
+    else:
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            environ["HTTP_" + name.strip().upper().replace("-", "_")] = value.strip()
+        answered = []
+        body = b"".join(app(environ, lambda status, headers: answered.append((status, headers))))
+        [(status, headers)] = answered
+    lines = [f"HTTP/1.1 {status}", *(f"{name}: {value}" for name, value in headers)]
+    lines += [f"Content-Length: {len(body)}", "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

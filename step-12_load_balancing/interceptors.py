@@ -55,14 +55,10 @@ def yielded(behaviour: Behaviour) -> Behaviour:
     async def replies(request_or_iterator, context):
         writes = WritesYielded(context)
         writer = asyncio.ensure_future(behaviour(request_or_iterator, writes))
+        writer.add_done_callback(writes.end)
         try:
-            while True:
-                reply = asyncio.ensure_future(writes.next_reply())
-                await asyncio.wait({reply, writer}, return_when=asyncio.FIRST_COMPLETED)
-                if not reply.done():  # the writer returned or raised: no more replies
-                    reply.cancel()
-                    break
-                yield reply.result()
+            while (reply := await writes.next_reply()) is not WritesYielded.END:
+                yield reply
                 writes.sent()
             await writer  # its exception, if any, is the call's
         finally:
@@ -79,15 +75,17 @@ class WritesYielded:
     """The context a writing handler is given by `yielded`: the call's own, but `write`
     hands each reply over instead of sending it."""
 
+    END = object()  # after the last reply: the handler has returned or raised
+
     def __init__(self, context: grpc.aio.ServicerContext):
         self._context = context
-        self._replies: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self._replies: asyncio.Queue = asyncio.Queue()
 
     def __getattr__(self, name: str):
         return getattr(self._context, name)  # abort, invocation_metadata, read, ...
 
     async def write(self, reply) -> None:
-        await self._replies.put(reply)
+        self._replies.put_nowait(reply)
         await self._replies.join()  # until the reply has been sent on (sent)
 
     async def next_reply(self):
@@ -95,6 +93,9 @@ class WritesYielded:
 
     def sent(self) -> None:
         self._replies.task_done()
+
+    def end(self, writer: asyncio.Future) -> None:
+        self._replies.put_nowait(self.END)
 
 
 class OncePerMethod:

@@ -207,7 +207,7 @@ async def running_server(
     """A server's lifetime: everything it holds is started here, in order, and released in
     reverse order when the block ends. serve() and the tests use this one sequence."""
     # NOT_SERVING until everything has started: a probe never sees a half-started server.
-    health = HealthService([service.descriptor.full_name])
+    health = await HealthService.starting([service.descriptor.full_name])
     registry = CollectorRegistry()  # this server's own: tests run several servers at once
     async with contextlib.AsyncExitStack() as resources:
         # Released after the server has drained: the spans of the last calls get exported.

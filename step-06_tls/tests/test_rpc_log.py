@@ -1,5 +1,6 @@
 """One log line per RPC, on the server and on the client, for every RPC kind and outcome."""
 
+import asyncio
 import logging
 
 import grpc
@@ -141,6 +142,9 @@ async def test_a_stream_written_with_context_write_is_logged_as_a_yielded_one(
     # The handler has ended, its own cleanup included, when the call is logged.
     handler_lines = [r for r in caplog.records if r.name == "greeter.service"]
     assert all(caplog.records.index(line) < caplog.records.index(record) for line in handler_lines)
+    # ...and nothing of it is left running: not the handler's task, nor one waiting on it.
+    left = [t for t in asyncio.all_tasks() if "Writ" in t.get_coro().__qualname__]
+    assert not left, left
 
 
 async def test_written_replies_arrive_as_yielded_ones_do(start_server):

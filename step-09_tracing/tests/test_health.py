@@ -69,9 +69,9 @@ async def test_health_of_an_unknown_service_is_not_found(server_address):
 
 
 async def test_health_is_not_serving_until_the_server_is_ready():
-    """A new health service says NOT_SERVING: running_server() marks it SERVING only once
-    everything has started, so a probe never sees a half-started server."""
-    health = HealthService([GREETER_SERVICE])
+    """A starting health service says NOT_SERVING: running_server() marks it SERVING only
+    once everything has started, so a probe never sees a half-started server."""
+    health = await HealthService.starting([GREETER_SERVICE])
     assert (await health.Check(HealthRequest(), None)).status == NOT_SERVING
     await health.set_serving()
     assert (await health.Check(HealthRequest(service=GREETER_SERVICE), None)).status == SERVING

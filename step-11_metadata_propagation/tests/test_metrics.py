@@ -4,6 +4,7 @@ and a real Prometheus scraping the real server process."""
 
 import asyncio
 import contextlib
+import gzip
 import socket
 import subprocess
 import urllib.request
@@ -204,6 +205,33 @@ async def test_metrics_answers_only_get_metrics(start_server):
     assert await asyncio.to_thread(status, "/metrics") == 200
     assert await asyncio.to_thread(status, "/") == 404
     assert await asyncio.to_thread(status, "/metrics", "POST") == 405
+
+
+async def test_metrics_answers_a_scrape_as_prometheus_asks_for_it(start_server):
+    """Prometheus asks for OpenMetrics or the text format, gzipped (its request headers,
+    scrape/scrape.go): each comes back as asked, with the same samples."""
+    address = (await start_server()).metrics_address
+
+    def fetch(accept: str, encoding: str) -> tuple[str, str, str]:
+        request = urllib.request.Request(
+            f"http://{address}/metrics", headers={"Accept": accept, "Accept-Encoding": encoding}
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            body = response.read()
+            gzipped = response.headers.get("Content-Encoding") == "gzip"
+            text = (gzip.decompress(body) if gzipped else body).decode()
+            return response.headers["Content-Type"], response.headers.get("Content-Encoding"), text
+
+    openmetrics = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    kind, encoding, text = await asyncio.to_thread(fetch, openmetrics, "gzip")
+    assert kind.startswith("application/openmetrics-text; version=1.0.0")
+    assert encoding == "gzip"
+    assert text.endswith("# EOF\n")  # OpenMetrics' end marker
+    kind, encoding, plain = await asyncio.to_thread(fetch, "text/plain", "identity")
+    assert kind.startswith("text/plain; version=0.0.4")
+    assert encoding is None
+    assert "# EOF" not in plain
+    assert "grpc_server_started_total" in text and "grpc_server_started_total" in plain
 
 
 async def test_metrics_hangs_up_on_an_oversized_request(start_server):
