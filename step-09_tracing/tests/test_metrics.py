@@ -15,8 +15,18 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from greeter.v1 import greeter_pb2_grpc
-from helpers import STEP_DIR, Request, messages, open_channel, rpc_error, run_client, say
+from helpers import (
+    STEP_DIR,
+    Request,
+    WritingGreeter,
+    messages,
+    open_channel,
+    rpc_error,
+    run_client,
+    say,
+)
 from metrics import GO_DEFAULT_BUCKETS, MAX_REQUEST_BYTES
+from service import Greeter
 from settings import parse_settings
 from tests.support.helpers import closed_port, eventually, require_binary
 from tools.processes import ServerProcess, run_script
@@ -79,8 +89,9 @@ async def test_unary_outcomes_are_counted_with_go_code_names(start_server):
     assert value(samples, "grpc_server_handling_seconds_count", **hello) == 4
 
 
-async def test_streams_and_chats_count_their_messages(start_server):
-    server = await start_server(stream_interval=0.01)
+@pytest.mark.parametrize("greeter", [Greeter, WritingGreeter], ids=["yielded", "written"])
+async def test_streams_and_chats_count_their_messages(start_server, greeter):
+    server = await start_server(greeter(0.01))
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         await messages(stub.StreamGreetings(Request(name="Ada", count=3), timeout=5))
@@ -106,8 +117,9 @@ async def test_streams_and_chats_count_their_messages(start_server):
     assert value(samples, "grpc_server_msg_sent_total", **bidi) == 2
 
 
-async def test_a_cancelled_stream_and_one_past_its_deadline_are_counted(start_server):
-    server = await start_server(stream_interval=0.1)
+@pytest.mark.parametrize("greeter", [Greeter, WritingGreeter], ids=["yielded", "written"])
+async def test_a_cancelled_stream_and_one_past_its_deadline_are_counted(start_server, greeter):
+    server = await start_server(greeter(0.1))
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         call = stub.StreamGreetings(Request(name="Ada", count=10), timeout=10)

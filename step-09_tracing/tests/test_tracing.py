@@ -19,8 +19,10 @@ from helpers import (
     STEP_DIR,
     GatedGreeter,
     Request,
+    WritingGreeter,
     messages,
     open_channel,
+    rpc_error,
     rpc_records,
     run_client,
     say,
@@ -170,15 +172,26 @@ OUTCOMES = [
     ("StreamGreetings", cancel, None, 1, "UNSET", "ERROR"),
     ("Chat", cancel, None, 1, "UNSET", "ERROR"),
 ]
+# The streams again, their replies written with context.write instead of yielded: tracing.py
+# sees them alike (interceptors.yielded).
+WRITTEN_OUTCOMES = [
+    (m, outcome, WritingGreeter, code, "UNSET", "ERROR")
+    for m in ("StreamGreetings", "Chat")
+    for outcome, code in ((abort, 3), (cancel, 1))
+]
 # A chat cancelled while the server waits for its next message: grpc.aio ends the request
 # stream as if the client had half-closed, so the server can only record OK (step 04's README).
-SERVER_SEES = {("Chat", "cancel"): 0}
+# A handler that writes reads in a task of its own, and the cancel may reach the call first.
+SERVER_SEES = {("Chat", "cancel", None): {0}, ("Chat", "cancel", WritingGreeter): {0, 1}}
 
 
 @pytest.mark.parametrize(
     ("method", "outcome", "servicer", "code", "server_status", "client_status"),
-    OUTCOMES,
-    ids=[f"{m}-{o.__name__}" for m, o, *_ in OUTCOMES],
+    OUTCOMES + WRITTEN_OUTCOMES,
+    ids=[
+        f"{m}-{o.__name__}" + ("-written" if servicer is WritingGreeter else "")
+        for m, o, servicer, *_ in OUTCOMES + WRITTEN_OUTCOMES
+    ],
 )
 async def test_every_outcome_is_recorded_right(
     start_server, receiver, method, outcome, servicer, code, server_status, client_status
@@ -195,8 +208,8 @@ async def test_every_outcome_is_recorded_right(
     spans = await spans_of(receiver, trace_id, 3)
     client, served = spans["CLIENT"], spans["SERVER"]
     assert served.parent_span_id == client.span_id
-    assert served.attributes["rpc.grpc.status_code"] == SERVER_SEES.get(
-        (method, outcome.__name__), code
+    assert served.attributes["rpc.grpc.status_code"] in SERVER_SEES.get(
+        (method, outcome.__name__, servicer), {code}
     )
     assert client.attributes["rpc.grpc.status_code"] == code
     assert (served.status, client.status) == (server_status, client_status)
@@ -429,3 +442,20 @@ async def test_the_instrumentation_library_records_what_the_readme_says(
         for s in (spans.get("SERVER"), spans.get("CLIENT"))
     )
     assert recorded in LIBRARY_RECORDS[method, outcome.__name__]
+
+
+@pytest.mark.parametrize("method", ["StreamGreetings", "Chat"])
+async def test_the_instrumentation_library_fails_every_stream_its_handler_writes(receiver, method):
+    """The library's aio server interceptor iterates every streaming handler (`async for`):
+    one that writes with context.write, as grpcio-health-checking's Watch does, fails every
+    call with UNKNOWN. tracing.py wraps both kinds (WRITTEN_OUTCOMES)."""
+    greeter = WritingGreeter(stream_interval=0.2)
+    async with traced_by_the_library(greeter) as (stub, _):
+        if method == "StreamGreetings":
+            call = stub.StreamGreetings(Request(name="Ada", count=2), timeout=5)
+            error = await rpc_error(messages(call))
+        else:
+            chat = stub.Chat(timeout=5)
+            await chat.write(Request(name="Ada"))
+            error = await rpc_error(chat.read())
+    assert error.code() == grpc.StatusCode.UNKNOWN

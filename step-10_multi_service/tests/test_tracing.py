@@ -19,9 +19,11 @@ from helpers import (
     STEP_DIR,
     GatedGreeter,
     Request,
+    WritingGreeter,
     logged_greetings,
     messages,
     open_channel,
+    rpc_error,
     rpc_records,
     run_client,
     say,
@@ -211,6 +213,13 @@ OUTCOMES = [
     ("StreamGreetings", cancel, None, 1, "UNSET", "ERROR"),
     ("Chat", cancel, None, 1, "UNSET", "ERROR"),
 ]
+# The streams again, their replies written with context.write instead of yielded: tracing.py
+# sees them alike (interceptors.yielded).
+WRITTEN_OUTCOMES = [
+    (m, outcome, WritingGreeter, code, "UNSET", "ERROR")
+    for m in ("StreamGreetings", "Chat")
+    for outcome, code in ((abort, 3), (cancel, 1))
+]
 # A chat cancelled while the server waits for its next message: grpc.aio ends the request
 # stream as if the client had half-closed, so the server records OK (step 04's README); or
 # CANCELLED, when the cancel reaches the handler while it reports the chat to the Logger.
@@ -219,8 +228,11 @@ SERVER_SEES = {("Chat", "cancel"): {0, 1}}
 
 @pytest.mark.parametrize(
     ("method", "outcome", "servicer", "code", "server_status", "client_status"),
-    OUTCOMES,
-    ids=[f"{m}-{o.__name__}" for m, o, *_ in OUTCOMES],
+    OUTCOMES + WRITTEN_OUTCOMES,
+    ids=[
+        f"{m}-{o.__name__}" + ("-written" if servicer is WritingGreeter else "")
+        for m, o, servicer, *_ in OUTCOMES + WRITTEN_OUTCOMES
+    ],
 )
 async def test_every_outcome_is_recorded_right(
     start_server, receiver, method, outcome, servicer, code, server_status, client_status
@@ -473,3 +485,22 @@ async def test_the_instrumentation_library_records_what_the_readme_says(
         for s in (spans.get("SERVER"), spans.get("CLIENT"))
     )
     assert recorded in LIBRARY_RECORDS[method, outcome.__name__]
+
+
+@pytest.mark.parametrize("method", ["StreamGreetings", "Chat"])
+async def test_the_instrumentation_library_fails_every_stream_its_handler_writes(
+    start_server, receiver, method
+):
+    """The library's aio server interceptor iterates every streaming handler (`async for`):
+    one that writes with context.write, as grpcio-health-checking's Watch does, fails every
+    call with UNKNOWN. tracing.py wraps both kinds (WRITTEN_OUTCOMES)."""
+    greeter = (await start_server(WritingGreeter, stream_interval=0.2)).servicer
+    async with traced_by_the_library(greeter) as (stub, _):
+        if method == "StreamGreetings":
+            call = stub.StreamGreetings(Request(name="Ada", count=2), timeout=5)
+            error = await rpc_error(messages(call))
+        else:
+            chat = stub.Chat(timeout=5)
+            await chat.write(Request(name="Ada"))
+            error = await rpc_error(chat.read())
+    assert error.code() == grpc.StatusCode.UNKNOWN

@@ -18,6 +18,7 @@ from greeter.v1 import greeter_pb2_grpc
 from helpers import (
     STEP_DIR,
     Request,
+    WritingGreeter,
     messages,
     open_channel,
     rpc_error,
@@ -27,6 +28,7 @@ from helpers import (
     value,
 )
 from metrics import GO_DEFAULT_BUCKETS, MAX_REQUEST_BYTES
+from service import Greeter
 from settings import parse_settings
 from tests.support.helpers import closed_port, eventually, require_binary
 from tools.processes import StepServices, run_script
@@ -69,8 +71,9 @@ async def test_unary_outcomes_are_counted_with_go_code_names(start_server):
     assert value(samples, "grpc_server_handling_seconds_count", **hello) == 4
 
 
-async def test_streams_and_chats_count_their_messages(start_server):
-    server = await start_server(stream_interval=0.01)
+@pytest.mark.parametrize("greeter", [Greeter, WritingGreeter], ids=["yielded", "written"])
+async def test_streams_and_chats_count_their_messages(start_server, greeter):
+    server = await start_server(greeter, stream_interval=0.01)
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         await messages(stub.StreamGreetings(Request(name="Ada", count=3), timeout=5))
@@ -96,8 +99,9 @@ async def test_streams_and_chats_count_their_messages(start_server):
     assert value(samples, "grpc_server_msg_sent_total", **bidi) == 2
 
 
-async def test_a_cancelled_stream_and_one_past_its_deadline_are_counted(start_server):
-    server = await start_server(stream_interval=0.1)
+@pytest.mark.parametrize("greeter", [Greeter, WritingGreeter], ids=["yielded", "written"])
+async def test_a_cancelled_stream_and_one_past_its_deadline_are_counted(start_server, greeter):
+    server = await start_server(greeter, stream_interval=0.1)
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         call = stub.StreamGreetings(Request(name="Ada", count=10), timeout=10)
