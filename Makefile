@@ -1,6 +1,7 @@
 # gRPC Mastery: every target sets up what it needs. See README.md.
 #   make tour [STEP=NN]     run every step's server and client demo (or one step)
-#   make test [STEP=NN]     every step's tests, each in its own process, then the repo tests
+#   make test [STEP=NN]     every step's tests, each in its own process, and the repo tests
+#                           ([JOBS=N] at once; default one more than the cores)
 #   make up STEP=NN         one step's whole stack on loopback (Prometheus, traces, broker,
 #                           Envoy as the step has them) until Ctrl-C
 #   make diff STEP=NN       what step NN adds to the step before it (generated code left out)
@@ -42,7 +43,7 @@ tour: $(STAMP)
 	@$(PY) tools/tour.py $(STEP)
 
 test: $(STAMP)
-	@$(PY) tools/run_tests.py $(STEP)
+	@$(PY) tools/run_tests.py $(if $(JOBS),--jobs $(JOBS)) $(STEP)
 
 up: $(STAMP)
 	@test -n "$(STEP)" || { echo "usage: make up STEP=NN"; exit 2; }
