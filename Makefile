@@ -6,7 +6,7 @@
 #                           Envoy as the step has them) until Ctrl-C
 #   make diff STEP=NN       what step NN adds to the step before it (generated code left out)
 #   make protos             regenerate the checked-in gRPC code of every step
-#   make lint               ruff over the whole repo
+#   make lint               ruff over the whole repo, mypy over every step's code
 #   make lock               re-resolve the locks from pyproject.toml (pip-compile, with hashes)
 #   make bench [STEP=NN]    what each step's features cost per call (bench/results.md),
 #                           and a leak check (bench/leaks.md)
@@ -66,6 +66,7 @@ protos: $(STAMP)
 lint: $(STAMP)
 	@$(PY) -m ruff check .
 	@$(PY) -m ruff format --check .
+	@$(PY) tools/typecheck.py
 
 lock:
 	@$(PYTHON) tools/lock.py

@@ -40,7 +40,7 @@ class ClientSettings:
     )
 
 
-async def hello(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
+async def hello(stub: "greeter_pb2_grpc.GreeterAsyncStub", args: argparse.Namespace) -> None:
     reply = await stub.SayHello(greeter_pb2.HelloRequest(name=args.name), timeout=args.timeout)
     print(reply.message)
 

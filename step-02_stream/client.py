@@ -41,12 +41,12 @@ class ClientSettings:
     )
 
 
-async def hello(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
+async def hello(stub: "greeter_pb2_grpc.GreeterAsyncStub", args: argparse.Namespace) -> None:
     reply = await stub.SayHello(greeter_pb2.HelloRequest(name=args.name), timeout=args.timeout)
     print(reply.message)
 
 
-async def stream(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
+async def stream(stub: "greeter_pb2_grpc.GreeterAsyncStub", args: argparse.Namespace) -> None:
     request = greeter_pb2.HelloRequest(name=args.name, count=args.count)
     # The deadline covers the whole stream; each reply is printed the moment it arrives.
     async for reply in stub.StreamGreetings(request, timeout=args.timeout):

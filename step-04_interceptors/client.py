@@ -46,12 +46,12 @@ class ClientSettings:
     )
 
 
-async def hello(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
+async def hello(stub: "greeter_pb2_grpc.GreeterAsyncStub", args: argparse.Namespace) -> None:
     reply = await stub.SayHello(greeter_pb2.HelloRequest(name=args.name), timeout=args.timeout)
     print(reply.message)
 
 
-async def stream(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
+async def stream(stub: "greeter_pb2_grpc.GreeterAsyncStub", args: argparse.Namespace) -> None:
     request = greeter_pb2.HelloRequest(name=args.name, count=args.count)
     # The deadline covers the whole stream; each reply is printed the moment it arrives.
     async for reply in stub.StreamGreetings(request, timeout=args.timeout):
@@ -80,7 +80,7 @@ async def listed(messages: list[str]) -> AsyncIterator[str]:
         yield message
 
 
-async def chat(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> None:
+async def chat(stub: "greeter_pb2_grpc.GreeterAsyncStub", args: argparse.Namespace) -> None:
     call = stub.Chat(timeout=args.timeout)
     messages = listed(args.message) if args.message else stdin_lines()
     # Ping-pong: send one message, print its reply, then send the next. The client never
@@ -94,14 +94,14 @@ async def chat(stub: greeter_pb2_grpc.GreeterStub, args: argparse.Namespace) -> 
         except asyncio.InvalidStateError:
             break  # ended just now: the same
         reply = await call.read()  # raises AioRpcError when the server ends the chat with an error
-        if reply is grpc.aio.EOF:
+        if not isinstance(reply, greeter_pb2.HelloReply):  # grpc.aio.EOF: it has ended
             break
         print(reply.message, flush=True)
     if not call.done():
         with contextlib.suppress(asyncio.InvalidStateError):  # it may end at any moment
             await call.done_writing()
     # Read to the end of the call: raises AioRpcError if the server ended it with an error.
-    while (reply := await call.read()) is not grpc.aio.EOF:
+    while isinstance(reply := await call.read(), greeter_pb2.HelloReply):  # until grpc.aio.EOF
         print(reply.message, flush=True)
 
 

@@ -73,7 +73,7 @@ def build_server(settings: Settings, servicer: Greeter) -> tuple[grpc.aio.Server
         interceptors=[
             StreamsEndInTheirTask(),
             ServerRpcLogger(servicer.shutting_down),
-            ServerAuthenticator(settings.token),
+            ServerAuthenticator(settings.token or ""),
         ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

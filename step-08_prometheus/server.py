@@ -88,7 +88,7 @@ def build_server(
             StreamsEndInTheirTask(),
             metrics,
             ServerRpcLogger(servicer.shutting_down),
-            ServerAuthenticator(settings.token, exempt=PUBLIC_SERVICES),
+            ServerAuthenticator(settings.token or "", exempt=PUBLIC_SERVICES),
         ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -95,7 +95,7 @@ def build_server(
             ServerTracer(provider, untraced=PUBLIC_SERVICES, shutting_down=servicer.shutting_down),
             metrics,
             ServerRpcLogger(servicer.shutting_down),
-            ServerAuthenticator(settings.token, exempt=PUBLIC_SERVICES),
+            ServerAuthenticator(settings.token or "", exempt=PUBLIC_SERVICES),
         ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

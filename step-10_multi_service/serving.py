@@ -116,7 +116,7 @@ def build_server(
             ServerTracer(provider, untraced=PUBLIC_SERVICES, shutting_down=servicer.shutting_down),
             metrics,
             ServerRpcLogger(servicer.shutting_down, logging.getLogger(f"{service.name}.rpc")),
-            ServerAuthenticator(settings.token, exempt=PUBLIC_SERVICES),
+            ServerAuthenticator(settings.token or "", exempt=PUBLIC_SERVICES),
         ],
         options=[
             ("grpc.max_receive_message_length", service.max_request_bytes),

@@ -206,7 +206,7 @@ class ClientTracer:
         self._tracer = provider.get_tracer(__name__)
         self._pending: set[asyncio.Task] = set()
         host, _, port = target.rpartition(":")  # "127.0.0.1:50051", "[::1]:50051"
-        self._server = {"server.address": host.strip("[]") or target}
+        self._server: dict[str, str | int] = {"server.address": host.strip("[]") or target}
         if port.isdigit():
             self._server["server.port"] = int(port)
 

@@ -27,5 +27,5 @@ def set_user_id(user_id: str) -> None:
 def calling_service(context: grpc.aio.ServicerContext) -> str | None:
     """The common name of the client's certificate (mutual TLS), or None without one. The
     TLS handshake already verified it against the client CA."""
-    names = context.auth_context().get("x509_common_name")
+    names = list(context.auth_context().get("x509_common_name", ()))
     return names[0].decode() if names else None

@@ -62,6 +62,7 @@ class HealthService(health.aio.HealthServicer):
         if self._watches_end:
             return
         watch = asyncio.current_task()
+        assert watch is not None  # a handler always runs in a task
         self._watches.add(watch)
         try:
             await super().Watch(request, context)

@@ -31,7 +31,7 @@ log = logging.getLogger("greeter.logger_client")
 class GreetingLog:
     """Reports greetings to the Logger through one shared stub."""
 
-    def __init__(self, stub: logger_pb2_grpc.LoggerStub, timeout: float, unlogged: Counter):
+    def __init__(self, stub: "logger_pb2_grpc.LoggerAsyncStub", timeout: float, unlogged: Counter):
         self._stub, self._timeout, self._unlogged = stub, timeout, unlogged
         self._in_flight: set[asyncio.Task] = set()
 

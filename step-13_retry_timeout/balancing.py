@@ -11,6 +11,7 @@ Targets (gRPC's name syntax, https://github.com/grpc/grpc/blob/master/doc/naming
 """
 
 import json
+from collections.abc import Sequence
 
 import keepalive
 from retries import method_config
@@ -50,7 +51,7 @@ def tls_authority(target: str) -> str | None:
     return first.rpartition(":")[0].strip("[]")
 
 
-def channel_options(target: str, retried: list[dict] = ()) -> list[tuple[str, object]]:
+def channel_options(target: str, retried: Sequence[dict] = ()) -> list[tuple[str, object]]:
     """The options of a load-balanced channel to `target`, retrying the `retried` methods
     (retries.py)."""
     config = SERVICE_CONFIG | (method_config(list(retried)) if retried else {})

@@ -31,6 +31,7 @@ def wrap_handler(
         (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream),
     }
     make_handler, behaviour = kinds[handler.request_streaming, handler.response_streaming]
+    assert behaviour is not None  # grpc sets the behaviour of the handler's own kind
     if handler.response_streaming:
         behaviour = yielded(behaviour)
     return make_handler(

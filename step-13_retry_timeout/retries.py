@@ -15,13 +15,7 @@ costs one short attempt, and the next attempt goes to another replica.
 import time
 
 import grpc
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_any,
-    wait_random_exponential,
-)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 # What a transparent retry is for: the call did not happen. Never a code that means the call
 # ran and failed (INTERNAL, UNKNOWN) or was the caller's mistake (INVALID_ARGUMENT).
@@ -82,12 +76,15 @@ def report_attempts(budget_seconds: float) -> AsyncRetrying:
     another backoff and attempt would not fit, and re-raises the last error."""
     ends = time.monotonic() + budget_seconds
 
-    def out_of_time(retry_state) -> bool:
-        return time.monotonic() + MAX_REPORT_BACKOFF_SECONDS >= ends
+    def out_of_attempts_or_time(retry_state: RetryCallState) -> bool:
+        return (
+            retry_state.attempt_number >= REPORT_ATTEMPTS
+            or time.monotonic() + MAX_REPORT_BACKOFF_SECONDS >= ends
+        )
 
     return AsyncRetrying(
         retry=retry_if_exception(is_worth_another_attempt),
-        stop=stop_any(stop_after_attempt(REPORT_ATTEMPTS), out_of_time),
+        stop=out_of_attempts_or_time,
         wait=wait_random_exponential(multiplier=0.01, max=MAX_REPORT_BACKOFF_SECONDS),
         reraise=True,
     )

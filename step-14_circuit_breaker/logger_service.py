@@ -59,6 +59,7 @@ class GreetingLogService(logger_pb2_grpc.LoggerServicer):
         if problem := greeting_problem(request.greeting):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         request_id = current_request_id()
+        assert request_id is not None  # every call has one (request_ids.py)
         if (sequence := self.sequence_of.get(request_id)) is not None:
             return logger_pb2.RecordReply(sequence=sequence)  # a retry: stored already
         self.recorded += 1

@@ -59,8 +59,10 @@ class StateReporter(pybreaker.CircuitBreakerListener):
 
     def failure(self, breaker: pybreaker.CircuitBreaker, error: BaseException) -> None:
         # A gRPC error, or anything else that left the call (counted too: the report failed).
-        is_rpc_error = isinstance(error, grpc.aio.AioRpcError)
-        self.last_failure = error.code().name if is_rpc_error else type(error).__name__
+        if isinstance(error, grpc.aio.AioRpcError):
+            self.last_failure = error.code().name
+        else:
+            self.last_failure = type(error).__name__
 
     def state_change(self, breaker, old, new) -> None:
         if old is not None and old.name == new.name:

@@ -36,7 +36,7 @@ class GreetingLog:
 
     def __init__(
         self,
-        stub: logger_pb2_grpc.LoggerStub,
+        stub: "logger_pb2_grpc.LoggerAsyncStub",
         timeout: float,
         unlogged: Counter,
         breaker: LoggerBreaker,

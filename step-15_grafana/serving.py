@@ -100,6 +100,7 @@ class CallsInFlight(grpc.aio.ServerInterceptor):
         @contextlib.contextmanager
         def tracking() -> Iterator[None]:
             task = asyncio.current_task()
+            assert task is not None  # a handler always runs in a task
             self.tasks.add(task)
             try:
                 yield
@@ -164,7 +165,7 @@ def build_server(
             ServerTracer(provider, untraced=PUBLIC_SERVICES, shutting_down=servicer.shutting_down),
             metrics,
             ServerRpcLogger(servicer.shutting_down, logging.getLogger(f"{service.name}.rpc")),
-            ServerAuthenticator(settings.token, exempt=PUBLIC_SERVICES),
+            ServerAuthenticator(settings.token or "", exempt=PUBLIC_SERVICES),
         ],
         options=[
             ("grpc.max_receive_message_length", service.max_request_bytes),

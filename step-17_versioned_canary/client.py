@@ -91,6 +91,7 @@ def call_options(args: argparse.Namespace) -> dict:
 
 
 async def hello(channel: grpc.aio.Channel, args: argparse.Namespace) -> None:
+    reply: greeter_v2_pb2.SayHelloResponse | greeter_pb2.HelloReply
     if args.api == "v2":
         person = greeter_v2_pb2.Person(given_name=args.name, family_name=args.family_name)
         reply = await greeter_v2_pb2_grpc.GreeterServiceStub(channel).SayHello(
@@ -147,14 +148,14 @@ async def chat(channel: grpc.aio.Channel, args: argparse.Namespace) -> None:
         except asyncio.InvalidStateError:
             break  # ended just now: the same
         reply = await call.read()  # raises AioRpcError when the server ends the chat with an error
-        if reply is grpc.aio.EOF:
+        if not isinstance(reply, greeter_pb2.HelloReply):  # grpc.aio.EOF: it has ended
             break
         print(reply.message, flush=True)
     if not call.done():
         with contextlib.suppress(asyncio.InvalidStateError):  # it may end at any moment
             await call.done_writing()
     # Read to the end of the call: raises AioRpcError if the server ended it with an error.
-    while (reply := await call.read()) is not grpc.aio.EOF:
+    while isinstance(reply := await call.read(), greeter_pb2.HelloReply):  # until grpc.aio.EOF
         print(reply.message, flush=True)
 
 

@@ -14,6 +14,7 @@ REQUIRED_FILES = [
     "greeter/v1/greeter_pb2.py",
     "greeter/v1/greeter_pb2_grpc.py",
     "greeter/v1/greeter_pb2.pyi",
+    "greeter/v1/greeter_pb2_grpc.pyi",
     "server.py",
     "client.py",
     "tests/conftest.py",

@@ -1,4 +1,5 @@
-"""`make lint` is clean: ruff's checks and formatting, as configured in pyproject.toml."""
+"""`make lint` is clean: ruff's checks and formatting, and mypy's types in every step, as
+configured in pyproject.toml."""
 
 import subprocess
 import sys
@@ -12,5 +13,12 @@ from tools.steps import ROOT
 def test_ruff_is_clean(command):
     result = subprocess.run(
         [sys.executable, "-m", "ruff", *command, "."], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_step_type_checks():
+    result = subprocess.run(
+        [sys.executable, "tools/typecheck.py"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,7 +1,9 @@
 """Generate the Python gRPC code of every step from its protos/ (used by `make protos`).
 
 For each .proto under step-NN/protos/ this writes, next to the step's code:
-  <pkg>/<name>_pb2.py, <pkg>/<name>_pb2_grpc.py, <pkg>/<name>_pb2.pyi
+  <pkg>/<name>_pb2.py, <pkg>/<name>_pb2_grpc.py, <pkg>/<name>_pb2.pyi, <pkg>/<name>_pb2_grpc.pyi
+(the last, the types of the stubs and servicers, by mypy-protobuf's protoc-gen-mypy_grpc:
+grpcio-tools types the messages only).
 The files are checked in so a learner can read them; tests/test_codegen.py fails when they
 differ from a fresh generation.
 
@@ -15,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.steps import select_steps
 
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi", "_pb2_grpc.pyi")
 
 
 def is_generated(path: Path | str) -> bool:
@@ -39,6 +41,8 @@ def generate(step_dir: Path, out_dir: Path) -> None:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
+        f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).with_name('protoc-gen-mypy_grpc')}",
+        f"--mypy_grpc_out={out_dir}",
         *protos,
     ]
     result = subprocess.run(command, capture_output=True, text=True)

@@ -6,7 +6,7 @@
     python tools/ladder.py propagate NN     carry the change made to step NN into NN+1 .. last
     python tools/ladder.py layout           write the Layout section of every step README
 
-Generated code (*_pb2.py, *_pb2_grpc.py, *_pb2.pyi) is left out of diffs and statistics.
+Generated code (*_pb2.py, *_pb2_grpc.py, *_pb2.pyi, *_pb2_grpc.pyi) is left out of diffs and statistics.
 
 propagate takes the change to step NN from git: its uncommitted changes if it has any,
 otherwise its change in the last commit. Each later step gets that change by a 3-way merge
