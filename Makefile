@@ -7,6 +7,7 @@
 #   make diff STEP=NN       what step NN adds to the step before it (generated code left out)
 #   make protos             regenerate the checked-in gRPC code of every step
 #   make lint               ruff over the whole repo, mypy over every step's code
+#   make mutate STEP=NN MODULE=name   mutation testing of one module against its tests
 #   make lock               re-resolve the locks from pyproject.toml (pip-compile, with hashes)
 #   make bench [STEP=NN]    what each step's features cost per call (bench/results.md),
 #                           and a leak check (bench/leaks.md)
@@ -18,7 +19,7 @@ PY     := $(VENV)/bin/python
 # when the lock changes.
 STAMP  := $(VENV)/.installed-from-lock
 
-.PHONY: tour test up diff protos lint lock stats venv bench
+.PHONY: tour test up diff protos lint lock stats venv bench mutate
 
 venv: $(STAMP)
 
@@ -62,6 +63,10 @@ bench: $(STAMP)
 
 protos: $(STAMP)
 	@$(PY) tools/codegen.py
+
+mutate: $(STAMP)
+	@test -n "$(STEP)" -a -n "$(MODULE)" || { echo "usage: make mutate STEP=NN MODULE=name [TESTS=tests/test_x.py]"; exit 2; }
+	@$(PY) tools/mutate.py $(STEP) $(MODULE) $(if $(TESTS),--tests $(TESTS))
 
 lint: $(STAMP)
 	@$(PY) -m ruff check .

@@ -276,3 +276,19 @@ def test_envoy_runs_the_steps_config_with_only_ports_and_upstreams_changed():
         local_config(
             copy.deepcopy(source), {"greeter": "127.0.0.1:1", "greeter-2": "127.0.0.1:2"}, 1, 2
         )
+
+
+def test_mutate_reports_the_mutants_a_weak_test_lets_survive(tmp_path):
+    """make mutate on a scratch step: `double(2) == 4` cannot tell `x * 2` from `x + 2` or
+    `x ** 2`, so those mutants survive and the report shows them; the real step is a copy."""
+    step = tmp_path / "step-01_one"
+    write(step / "calc.py", "def double(x):\n    return x * 2\n")
+    write(
+        step / "tests" / "test_calc.py",
+        "from calc import double\n\n\ndef test_double():\n    assert double(2) == 4\n",
+    )
+    result = tool("mutate.py", "--root", str(tmp_path), "01", "calc")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "surviving mutants: 2 (" in result.stdout
+    assert "+    return x + 2" in result.stdout and "+    return x ** 2" in result.stdout
+    assert (step / "calc.py").read_text() == "def double(x):\n    return x * 2\n"  # untouched
