@@ -57,10 +57,16 @@ def running(pid: int) -> bool:
 
 
 def start_tool(
-    args: list[str], cwd: Path, ready: str, timeout: float = 30, keys: bool = False
+    args: list[str],
+    cwd: Path,
+    ready: str,
+    timeout: float = 30,
+    keys: bool = False,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`python tools/NAME args` in a session of its own, once it has printed `ready`; and
-    what it printed until then. With `keys`, the test types into its stdin."""
+    what it printed until then. With `keys`, the test types into its stdin; `env` is added
+    to the environment."""
     process = subprocess.Popen(
         [sys.executable, *args],
         cwd=cwd,
@@ -69,7 +75,7 @@ def start_tool(
         stderr=subprocess.STDOUT,
         bufsize=0,  # what select() sees is all there is: no lines waiting in a buffer
         start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     try:
         return process, read_until(process, ready, timeout)
@@ -218,8 +224,12 @@ def read_until(process: subprocess.Popen, text: str, timeout: float = 30) -> str
     [("08", signal.SIGHUP), ("16", signal.SIGINT), ("17", signal.SIGTERM)],
     ids=["08-SIGHUP", "16-SIGINT", "17-SIGTERM"],
 )
-def test_up_holds_a_steps_stack_for_the_commands_it_prints_until_stopped(label, stop):
-    tool, printed = start_tool(["tools/up.py", label], ROOT, "Ctrl-C stops everything", 90)
+def test_up_holds_a_steps_stack_for_the_commands_it_prints_until_stopped(label, stop, tmp_path):
+    # up keeps its folder (logs, certificates, tokens) for the learner to read: here it is
+    # made in the test's own temporary folder, which pytest removes.
+    tool, printed = start_tool(
+        ["tools/up.py", label], ROOT, "Ctrl-C stops everything", 90, env={"TMPDIR": str(tmp_path)}
+    )
     try:
         commands = printed.split("try, in another terminal, from the repository's root:\n")[1]
         cd, export, hello = [line.strip() for line in commands.splitlines()[:3]]
