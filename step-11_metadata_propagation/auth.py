@@ -23,6 +23,10 @@ MAX_USER_ID_LENGTH = 64
 # sending (see `rejecting_handler`), within these bounds: an unauthenticated caller gets
 # no more of the server than that.
 QUIET_SECONDS = 0.2  # no message for this long: the client is waiting for us
+# The quiet is timed in ticks of this length. A tick that ends a tick or more late means
+# this process was stalled (busy, or not scheduled): a message the client sent meanwhile
+# may not have been read yet, so the quiet starts again.
+QUIET_TICK_SECONDS = 0.05
 MAX_DRAIN_SECONDS = 2.0
 MAX_DRAIN_MESSAGES = 100
 # At most this many such drains at once: beyond it a call is rejected at once, and a
@@ -155,14 +159,30 @@ class ServerAuthenticator(grpc.aio.ServerInterceptor):
 async def until_the_client_stops_sending(request_iterator) -> None:
     """Read and drop requests until the client half-closes or goes quiet (bounded)."""
     requests = aiter(request_iterator)
-    try:
+    with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(MAX_DRAIN_SECONDS):
             for _ in range(MAX_DRAIN_MESSAGES):
-                async with asyncio.timeout(QUIET_SECONDS):
-                    if await anext(requests, None) is None:
-                        return  # half-closed: the client has stopped writing
-    except TimeoutError:
-        return  # quiet: the client now waits for a reply instead of writing
+                if not await another_request_arrives(requests):
+                    return  # half-closed, or quiet: the client now waits for a reply
+
+
+async def another_request_arrives(requests) -> bool:
+    """True when a request arrives; False when the client half-closes, or sends nothing for
+    QUIET_SECONDS of time in which this process ran."""
+    loop = asyncio.get_running_loop()
+    read = asyncio.ensure_future(anext(requests, None))
+    try:
+        quiet_ticks = 0
+        while quiet_ticks * QUIET_TICK_SECONDS < QUIET_SECONDS:
+            tick_started = loop.time()
+            done, _ = await asyncio.wait({read}, timeout=QUIET_TICK_SECONDS)
+            if done:
+                return read.result() is not None
+            stalled = loop.time() - tick_started >= 2 * QUIET_TICK_SECONDS
+            quiet_ticks = 0 if stalled else quiet_ticks + 1
+        return False
+    finally:
+        read.cancel()
 
 
 def rejecting_handler(

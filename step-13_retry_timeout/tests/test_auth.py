@@ -27,7 +27,7 @@ from helpers import (
     say,
 )
 from service import Greeter
-from tests.support.helpers import eventually
+from tests.support.helpers import eventually, stalling_the_event_loop
 from tools.processes import run_script
 
 
@@ -142,16 +142,10 @@ async def eager_writes(stub):
     await call.read()
 
 
-@pytest.mark.parametrize(
-    "client", [ping_pong, eager_stream, eager_writes], ids=lambda c: c.__name__
-)
-async def test_chat_rejection_is_always_unauthenticated(server_address, client):
-    """grpc/grpc#36066: when the server ends a bidi call while the client is still writing,
-    the grpc.aio client may see INTERNAL (or a failed write) instead of the server's status;
-    a rejection sent at once does so for most eager clients. Ours waits until the client
-    stops writing. 100 rejections per client style (25 at a time, within the budget of
-    MAX_DRAINING_REJECTIONS such waits) show it; run it five times on a busy machine for 500."""
-    outcomes = []
+async def rejection_outcomes(server_address: str, client, calls: int) -> collections.Counter:
+    """How `calls` chats of `client` with a wrong token end, 25 at a time (within the budget
+    of MAX_DRAINING_REJECTIONS drains)."""
+    outcomes: list[str] = []
     async with open_channel(server_address, token="a-wrong-token-of-enough-length") as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
 
@@ -164,9 +158,30 @@ async def test_chat_rejection_is_always_unauthenticated(server_address, client):
                 return type(error).__name__
             return "accepted"
 
-        for _ in range(4):
+        for _ in range(calls // 25):
             outcomes += await asyncio.gather(*(outcome() for _ in range(25)))
-    assert collections.Counter(outcomes) == {"UNAUTHENTICATED": 100}
+    return collections.Counter(outcomes)
+
+
+@pytest.mark.parametrize(
+    "client", [ping_pong, eager_stream, eager_writes], ids=lambda c: c.__name__
+)
+async def test_chat_rejection_is_always_unauthenticated(server_address, client):
+    """grpc/grpc#36066: when the server ends a bidi call while the client is still writing,
+    the grpc.aio client may see INTERNAL (or a failed write) instead of the server's status;
+    a rejection sent at once does so for most eager clients. Ours waits until the client
+    stops writing. 100 rejections per client style show it."""
+    assert await rejection_outcomes(server_address, client, 100) == {"UNAUTHENTICATED": 100}
+
+
+async def test_a_stalled_server_does_not_take_a_writing_client_for_a_quiet_one(server_address):
+    """On a busy machine the server's process may not run for longer than QUIET_SECONDS while
+    a client writes; the drain must not count that time as quiet, or it rejects a client
+    still writing (INTERNAL, as above). Here the event loop, server and clients alike, stalls
+    for 0.3 s after each 0.05 s it runs."""
+    with stalling_the_event_loop(every=0.05, for_seconds=0.3):
+        outcomes = await rejection_outcomes(server_address, eager_stream, 100)
+    assert outcomes == {"UNAUTHENTICATED": 100}
 
 
 async def test_chat_rejection_of_a_client_that_sends_nothing(server_address):

@@ -73,3 +73,23 @@ def require_binary(name: str, install_hint: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@contextlib.contextmanager
+def stalling_the_event_loop(*, every: float, for_seconds: float) -> Iterator[None]:
+    """Block the running event loop for `for_seconds` after each `every` seconds it runs, as
+    a busy machine does to a process it does not schedule (a real stall: nothing of the
+    process's asyncio code runs, timers fall due meanwhile)."""
+    loop = asyncio.get_running_loop()
+    handle: asyncio.TimerHandle | None = None
+
+    def stall() -> None:
+        nonlocal handle
+        time.sleep(for_seconds)
+        handle = loop.call_later(every, stall)
+
+    handle = loop.call_later(every, stall)
+    try:
+        yield
+    finally:
+        handle.cancel()
