@@ -177,8 +177,9 @@ async def test_a_stuck_replica_costs_one_short_attempt_and_the_next_goes_elsewhe
     server = await start_server(
         logger_target=f"ipv4:{stuck.address},{healthy.address}", logger_timeout=3.0
     )
-    durations = [await say_hello(server.address) for _ in range(10)]
-    assert len(await logged_greetings(healthy.address)) == 10
+    # Round robin sends every report but maybe the first to the stuck replica first.
+    durations = [await say_hello(server.address) for _ in range(4)]
+    assert len(await logged_greetings(healthy.address)) == 4
     assert await unlogged(server, "DeadlineExceeded") == 0
     # One short attempt (1 s) at most, never the whole Logger timeout (3 s).
     assert max(durations) < 3.0 / REPORT_ATTEMPTS + 1.0, durations
