@@ -85,12 +85,23 @@ async def test_recent_entries_come_newest_first_and_the_oldest_go_first(start_lo
     [
         ({"names": []}, "names must hold 1 to 100 names (got 0)"),
         ({"names": ["Ada"] * 101}, "names must hold 1 to 100 names (got 101)"),
+        ({"names": ["Ada", "A" * 101]}, "names: name must be at most 100 characters (got 101)"),
         ({"names": ["Ada", " "]}, "names: name must not be empty"),
         ({"names": ["Ada\nuser=admin"]}, "names: name must be printable text"),
         ({"method": "Say Hello"}, "method must be an RPC name such as SayHello"),
+        ({"method": "M" * 65}, "method must be an RPC name such as SayHello"),
         ({"greeted_at": None}, "greeted_at must be set"),
     ],
-    ids=["no-names", "too-many", "blank-name", "newline", "method", "no-time"],
+    ids=[
+        "no-names",
+        "too-many",
+        "long-name",
+        "blank-name",
+        "newline",
+        "method",
+        "long-method",
+        "no-time",
+    ],
 )
 async def test_a_malformed_greeting_is_refused_and_not_stored(start_logger, fields, message):
     logger = await start_logger()
@@ -102,6 +113,37 @@ async def test_a_malformed_greeting_is_refused_and_not_stored(start_logger, fiel
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith(message)
     assert await logged_greetings(logger.address) == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"names": ["Ada"] * 100}, {"names": ["A" * 100]}, {"method": "M" * 64}],
+    ids=["100-names", "long-name", "long-method"],
+)
+async def test_a_greeting_at_each_limit_is_stored(start_logger, fields):
+    """The other side of each limit above: exactly the maximum is a valid greeting."""
+    logger = await start_logger()
+    await record(logger.address, greeting(**fields))
+    [entry] = await logged_greetings(logger.address)
+    assert entry.greeting == greeting(**fields)
+
+
+async def test_a_listing_has_20_entries_by_default_and_at_most_100(start_logger):
+    logger = await start_logger()
+    await record(logger.address, *(greeting(names=[f"user{n}"]) for n in range(1, 102)))
+    async with logger_channel(logger.address) as channel:
+        stub = logger_pb2_grpc.LoggerStub(channel)
+        default = await stub.ListRecent(logger_pb2.ListRecentRequest(), timeout=5)
+        most = await stub.ListRecent(logger_pb2.ListRecentRequest(limit=100), timeout=5)
+    assert [e.sequence for e in default.entries] == list(range(101, 81, -1))
+    assert [e.sequence for e in most.entries] == list(range(101, 1, -1))
+
+
+async def test_the_logger_keeps_the_newest_1000_entries_by_default(start_logger):
+    logger = await start_logger()
+    await record(logger.address, *(greeting() for _ in range(1001)))
+    assert len(logger.servicer.entries) == 1000
+    assert logger.servicer.entries[0].sequence == 2
 
 
 async def test_listing_more_than_the_maximum_is_refused(start_logger):

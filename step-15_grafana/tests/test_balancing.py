@@ -72,6 +72,20 @@ def three_greeters():
         yield services
 
 
+@pytest.mark.parametrize("scheme", ["ipv4", "ipv6"])
+async def test_an_address_list_passes_the_tls_name_check_and_reaches_every_replica(
+    start_server, scheme
+):
+    """TLS checks the name of the list's first host ("127.0.0.1", "::1" without brackets)
+    against each replica's certificate, which names both."""
+    host = "127.0.0.1" if scheme == "ipv4" else "::1"
+    replicas = [await start_server(host=host, replica_name=f"replica-{n}") for n in (1, 2)]
+    target = f"{scheme}:" + ",".join(replica.address for replica in replicas)
+    async with balanced_channel(target) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        await until_every_replica_answers(stub, {"replica-1", "replica-2"})
+
+
 async def test_every_reply_names_the_replica_that_served_it():
     with ServerProcess(STEP_DIR, env={"GREETER_REPLICA_NAME": "greeter-a"}) as named:
         async with balanced_channel(named.address) as channel:

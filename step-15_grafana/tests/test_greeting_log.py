@@ -176,6 +176,17 @@ async def test_a_stuck_logger_delays_a_greeting_by_its_deadline_at_most(
     assert "DEADLINE_EXCEEDED" in unlogged_warnings(caplog)[0].getMessage()
 
 
+async def test_by_default_a_stuck_logger_delays_a_greeting_by_half_a_second(
+    start_server, start_logger
+):
+    """GREETER_LOGGER_TIMEOUT's default, 0.5 s, as a learner who sets nothing gets it: at
+    least two attempts of a third of it each (retries.py), at most all of it."""
+    logger = await start_logger(StuckLogger)
+    server = await start_server(logger_target=logger.address)
+    duration = await say_hello(server.address)
+    assert 0.5 * 2 / 3 <= duration < 0.5 + MARGIN, duration
+
+
 async def test_a_restarted_logger_gets_entries_again_without_restarting_the_greeter(
     start_server, start_logger
 ):
@@ -202,6 +213,26 @@ async def test_a_restarted_logger_gets_entries_again_without_restarting_the_gree
     assert unlogged_total(samples) >= 1  # UNAVAILABLE, or DEADLINE_EXCEEDED after retries
 
 
+async def test_the_logger_channel_waits_at_most_5_s_between_reconnects(
+    start_server, start_logger, monkeypatch
+):
+    """gRPC's own cap is 120 s: a Logger back after a long outage would get no entry for up
+    to two minutes. (The option, read where the channel is opened: waiting out a real
+    backoff that grows past 5 s takes half a minute per test.)"""
+    logger = await start_logger()
+    opened: list[tuple[str, dict]] = []
+    open_secure_channel = grpc.aio.secure_channel
+
+    def recording(target, credentials, options=None, *args, **kwargs):
+        opened.append((target, dict(options or ())))
+        return open_secure_channel(target, credentials, options, *args, **kwargs)
+
+    monkeypatch.setattr(grpc.aio, "secure_channel", recording)
+    await start_server(logger_target=logger.address)
+    [options] = [options for target, options in opened if target == logger.address]
+    assert options["grpc.max_reconnect_backoff_ms"] == 5000
+
+
 async def test_a_caller_that_goes_away_does_not_cancel_its_report(start_server, start_logger):
     """The greeting was made: its entry is recorded even if the caller cancels meanwhile."""
     logger = await start_logger(GatedLogger)
@@ -213,6 +244,30 @@ async def test_a_caller_that_goes_away_does_not_cancel_its_report(start_server, 
         assert await call.code() == grpc.StatusCode.CANCELLED
     logger.servicer.gate.set()
     await eventually(lambda: len(logger.servicer.entries) == 1, message="the entry")
+
+
+async def test_the_greeter_stops_only_once_a_report_still_running_is_done(
+    start_server, start_logger, caplog
+):
+    """A caller went away and its report runs on; then the Greeter is stopped. It has stopped
+    serving ("stopped") but waits for that report before it closes the Logger channel: the
+    entry is not lost."""
+    caplog.set_level(logging.INFO)
+    logger = await start_logger(GatedLogger)
+    server = await start_server(logger_target=logger.address, logger_timeout=5.0)
+    async with open_channel(server.address) as channel:
+        call = greeter_pb2_grpc.GreeterStub(channel).SayHello(Request(name="Ada"), timeout=5)
+        await asyncio.wait_for(logger.servicer.entered.wait(), 5)
+        call.cancel()
+    stopping = server.shut_down()
+    await eventually(
+        lambda: "stopped" in [r.getMessage() for r in caplog.records if r.name == "greeter.server"],
+        message="the Greeter has stopped serving",
+    )
+    assert not stopping.done()
+    logger.servicer.gate.set()
+    await stopping
+    assert [list(e.greeting.names) for e in logger.servicer.entries] == [["Ada"]]
 
 
 @pytest.mark.parametrize("wrong", ["token", "ca"])
