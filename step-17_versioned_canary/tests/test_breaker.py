@@ -183,7 +183,14 @@ async def test_while_half_open_exactly_one_of_50_concurrent_greetings_reaches_th
 
 
 @pytest.mark.parametrize(
-    "code", [grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED]
+    "code",
+    [
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.INTERNAL,
+    ],
+    ids=lambda code: code.name,
 )
 async def test_the_loggers_answers_never_open_the_breaker(start_server, start_logger, code):
     """An answer, even a refusal, means the Logger works: the breaker stays closed."""
@@ -195,6 +202,20 @@ async def test_the_loggers_answers_never_open_the_breaker(start_server, start_lo
             await greet(stub)
     assert await breaker_metrics(server) == ("closed", 0, FAILURES * 4)
     assert logger.servicer.calls == FAILURES * 4  # every report reached the Logger
+
+
+async def test_a_wrong_logger_token_never_opens_the_breaker(start_server, start_logger):
+    """The Greeter's own mistake: every report fails UNAUTHENTICATED, and each says so
+    (greeter_unlogged_greetings_total{grpc_code="Unauthenticated"}, a WARNING), rather than
+    hiding behind "skipped"."""
+    server, _ = await start_pair(
+        start_server, start_logger, reset=60, logger_token="a-token-that-is-not-the-loggers"
+    )
+    async with open_channel(server.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        for _ in range(FAILURES * 2):
+            await greet(stub)
+    assert await breaker_metrics(server) == ("closed", 0, FAILURES * 2)
 
 
 async def test_callers_in_a_hurry_never_open_the_breaker(start_server, start_logger):

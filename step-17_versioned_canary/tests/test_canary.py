@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
+import yaml
 
 from balancing import served_by
 from greeter.v1 import greeter_pb2_grpc
@@ -176,6 +177,22 @@ def test_envoy_accepts_the_config(tmp_path):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
+
+
+def test_envoy_retries_only_what_never_reached_a_handler():
+    """Every route's retry policy: a refused connection or stream, or UNAVAILABLE (the
+    canary draining), never INTERNAL or another code a handler sends after it may have done
+    its work; two retries, each on another host."""
+    config = yaml.safe_load((STEP_DIR / "deploy" / "envoy.yaml").read_text())
+    [listener] = config["static_resources"]["listeners"]
+    [chain] = listener["filter_chains"]
+    [manager] = chain["filters"]
+    [host] = manager["typed_config"]["route_config"]["virtual_hosts"]
+    policies = [r["route"]["retry_policy"] for r in host["routes"] if "retry_policy" in r["route"]]
+    assert len(policies) == len(host["routes"])  # every route retries
+    for policy in policies:
+        assert policy["retry_on"].split(",") == ["connect-failure", "refused-stream", "unavailable"]
+        assert policy["num_retries"] == 2
 
 
 async def test_v1_calls_split_90_10_between_stable_and_canary(envoy_channel):

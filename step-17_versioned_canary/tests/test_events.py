@@ -14,14 +14,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 
+import outbox
 from events.v1 import events_pb2
 from greeter.v1 import greeter_pb2_grpc
+from greeting_counts import GROUP, GreetingCounts, assign_every_partition, consume
 from helpers import STEP_DIR, TEST_USER, Request, logged_greetings, open_channel, scrape, value
-from outbox import TOPIC
-from tests.support.helpers import eventually
+from outbox import TOPIC, one_line_per_outage, publishing_events
+from tests.support.helpers import closed_port, eventually
 from tools.processes import ServerProcess, StepServices
 
 # A greeting's own time, whatever the broker does (generous: the tests also pass with both
@@ -55,8 +59,12 @@ async def metric(address: str, name: str, **labels: str) -> float:
 
 
 async def wait_until_published(greeter, count: int) -> None:
+    """Until `greeter` (a server in the test or a service process) has `count` events
+    acknowledged by the broker."""
+    address = getattr(greeter, "metrics_address", None) or greeter.addresses["metrics"]
+
     async def acknowledged() -> bool:
-        return await metric(greeter.metrics_address, "greeter_events_published_total") == count
+        return await metric(address, "greeter_events_published_total") == count
 
     await eventually(acknowledged, timeout=10, message=f"{count} events published")
 
@@ -346,3 +354,131 @@ async def test_a_broker_outage_is_one_line_when_it_goes_and_one_when_it_is_back(
         assert [line for line in lines if " ERROR " in line or "WARNING aiokafka" in line] == []
         assert len([line for line in lines if away in line]) == 1, services[name].output
         assert len([line for line in lines if back in line]) == 1, services[name].output
+
+
+async def test_events_still_in_the_outbox_when_the_grace_ends_are_counted_as_lost(caplog):
+    registry = CollectorRegistry()
+    with closed_port() as nowhere:  # no broker: every event waits
+        async with publishing_events(nowhere, 10, 0.2, registry) as publisher:
+            for _ in range(3):
+                publisher.publish(["Ada"], "SayHello")
+    dropped = registry.get_sample_value("greeter_events_dropped_total", {"reason": "shutdown"})
+    assert dropped == 3
+    assert "3 events not published: the broker did not take them within the 0.2 s" in caplog.text
+
+
+def greeted_event(event_id: str, user_id: str = "ada") -> bytes:
+    return events_pb2.GreetedEvent(event_id=event_id, user_id=user_id).SerializeToString()
+
+
+def test_an_event_delivered_again_is_counted_once_while_its_id_is_remembered():
+    registry = CollectorRegistry()
+    counts = GreetingCounts(3, registry, TracerProvider())
+    for event_id in ["a", "a", "b", "c", "d", "b", "a"]:
+        counts.process(b"ada", greeted_event(event_id), [])
+    # "a" came again at once: a repeat. "b" came again with "b", "c", "d" remembered: a
+    # repeat. "a" came again after "b", "c" and "d" had pushed it out: counted again.
+    assert counts.by_user == {"ada": 5}
+    assert registry.get_sample_value("logger_events_processed_total") == 5
+    assert registry.get_sample_value("logger_events_repeated_total") == 2
+
+
+class FailingCounts(GreetingCounts):
+    """Fails on the event `fail_at` (1 for the first): a crash in the middle of a batch."""
+
+    def __init__(self, fail_at: int, *args):
+        super().__init__(*args)
+        self.fail_at, self.seen = fail_at, 0
+
+    def process(self, key, value, headers) -> None:
+        self.seen += 1
+        if self.seen == self.fail_at:
+            raise RuntimeError("crashed mid-batch")
+        super().process(key, value, headers)
+
+
+async def test_a_batch_is_committed_only_once_processed_so_a_crash_loses_none_of_it(memory_broker):
+    """A consumer fails in the middle of its first batch: the next one in the group reads
+    the whole batch again (the first's counts died with it; the events are not lost)."""
+    producer = AIOKafkaProducer(bootstrap_servers=memory_broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        for n in range(10):
+            await producer.send_and_wait(TOPIC, greeted_event(f"event-{n}"), key=b"ada")
+    finally:
+        await producer.stop()
+
+    async def count_until(counts: GreetingCounts, enough: int) -> None:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=memory_broker.bootstrap,
+            group_id=GROUP,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        stop = asyncio.Event()
+        await consumer.start()
+        try:
+            await assign_every_partition(consumer, memory_broker.bootstrap, stop)
+            with one_line_per_outage(logging.getLogger("test"), "events") as outage:
+                consuming = asyncio.create_task(consume(consumer, counts, stop, outage))
+                try:
+                    await eventually(
+                        lambda: consuming.done() or counts.total >= enough,
+                        message=f"{enough} counted",
+                    )
+                finally:
+                    stop.set()  # it stops between two batches
+                    await consuming  # raises what ended it
+        finally:
+            await consumer.stop()
+
+    first = FailingCounts(5, 10, CollectorRegistry(), TracerProvider())
+    with pytest.raises(RuntimeError, match="crashed mid-batch"):
+        await count_until(first, enough=10)
+    assert first.total == 4
+    second = GreetingCounts(10, CollectorRegistry(), TracerProvider())
+    await count_until(second, enough=10)
+    assert second.total == 10
+
+
+class CountingProducer(AIOKafkaProducer):
+    """The real producer, noting the most events it held unacknowledged at once."""
+
+    most_unacknowledged = 0
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unacknowledged = 0
+
+    async def send(self, *args, **kwargs):
+        acknowledged = await super().send(*args, **kwargs)
+        self.unacknowledged += 1
+        CountingProducer.most_unacknowledged = max(
+            CountingProducer.most_unacknowledged, self.unacknowledged
+        )
+        acknowledged.add_done_callback(
+            lambda _: setattr(self, "unacknowledged", self.unacknowledged - 1)
+        )
+        return acknowledged
+
+
+async def test_a_backlog_goes_to_the_broker_in_one_batch(memory_broker, monkeypatch):
+    """Events that waited (the broker was away) are sent together and acknowledged
+    together, not one round trip each: of 200 events in the outbox (MAX_BATCH is 500), all
+    200 are in flight at once. (With more, aiokafka's own batches of 16 KiB can be
+    acknowledged while the last events are still being handed to it.)"""
+    monkeypatch.setattr(outbox, "AIOKafkaProducer", CountingProducer)
+    registry = CollectorRegistry()
+    with one_line_per_outage(logging.getLogger("test"), "events") as outage:
+        publisher = outbox.EventPublisher(memory_broker.bootstrap, 1000, registry, outage)
+        for _ in range(200):
+            publisher.publish(["Ada"], "SayHello")
+        delivering = asyncio.create_task(publisher.deliver())
+        try:
+            await publisher.drain(10)
+        finally:
+            delivering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await delivering
+    assert registry.get_sample_value("greeter_events_published_total") == 200
+    assert CountingProducer.most_unacknowledged == 200
