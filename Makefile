@@ -65,8 +65,8 @@ protos: $(STAMP)
 	@$(PY) tools/codegen.py
 
 mutate: $(STAMP)
-	@test -n "$(STEP)" -a -n "$(MODULE)" || { echo "usage: make mutate STEP=NN MODULE=name [TESTS=tests/test_x.py]"; exit 2; }
-	@$(PY) tools/mutate.py $(STEP) $(MODULE) $(if $(TESTS),--tests $(TESTS))
+	@test -n "$(STEP)" -a -n "$(MODULE)" || { echo "usage: make mutate STEP=NN MODULE=name [TESTS=tests/test_x.py] [SAMPLE=N]"; exit 2; }
+	@$(PY) tools/mutate.py $(STEP) $(MODULE) $(if $(TESTS),--tests $(TESTS)) $(if $(SAMPLE),--sample $(SAMPLE))
 
 lint: $(STAMP)
 	@$(PY) -m ruff check .

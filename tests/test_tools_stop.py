@@ -4,6 +4,7 @@ one line and exits non-zero, without a traceback. (The trace receiver, which sta
 process, prints its traces and frees its port.) Each tool runs as a learner runs it, in a
 session of its own, so the test can see every process it started."""
 
+import ctypes
 import os
 import select
 import signal
@@ -27,6 +28,7 @@ from tools.processes import ServerProcess, demo_environment, free_port, group_al
 from tools.steps import ROOT
 
 STOPS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+SYS_TGKILL = 234  # x86-64 Linux
 STEP_08 = ROOT / "step-08_prometheus"
 STEP_17 = ROOT / "step-17_versioned_canary"
 
@@ -364,3 +366,32 @@ def test_the_test_runner_stops_each_pytest_and_what_its_tests_started(tmp_path, 
 def test_a_step_the_bench_serves_stops_with_its_servers_on_sighup():
     bench, _ = start_tool(["tools/bench.py", "serve", "06"], ROOT, "Ctrl-C stops the step.")
     assert_stops_everything(bench, signal.SIGHUP, expected_code=0)
+
+
+def signal_a_thread_other_than_the_main_one(pid: int, stop: signal.Signals) -> None:
+    """`stop` to one of `pid`'s threads that is not its main thread (tgkill), as the kernel
+    may choose for a signal sent to the process."""
+    others = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    assert others, "the tool has no other thread"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(SYS_TGKILL, pid, others[0], stop) != 0:
+        raise OSError(ctypes.get_errno(), "tgkill failed")
+
+
+@pytest.mark.parametrize(
+    ("command", "ready"),
+    [
+        (["tools/bench.py", "serve", "06"], "Ctrl-C stops the step."),
+        (["tools/up.py", "06"], "Ctrl-C stops everything"),
+    ],
+    ids=["bench-serve", "up"],
+)
+def test_a_stop_signal_that_lands_on_another_thread_still_stops_the_tool(command, ready):
+    """A tool waiting for Ctrl-C in its main thread is stopped by a signal the kernel hands
+    to one of its other threads (an output reader): tools.processes.until_stopped."""
+    tool, _ = start_tool(command, ROOT, ready)
+    try:
+        signal_a_thread_other_than_the_main_one(tool.pid, signal.SIGHUP)
+        assert tool.wait(30) == 0
+    finally:
+        stop_group(tool)

@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ from tools.bench_chart import draw as draw_chart
 from tools.broker import KafkaBroker
 from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
-from tools.processes import STOP_SIGNALS, ServerProcess, StepServices, demo_environment, run_tool
+from tools.processes import ServerProcess, StepServices, demo_environment, run_tool, until_stopped
 from tools.steps import ROOT, Step, find_step, select_steps
 
 CONCURRENCY = (16, 64)
@@ -383,9 +382,6 @@ def serve(step: Step) -> None:
     as the bench does, and keep it running until Ctrl-C (or SIGTERM)."""
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
         with step_servers(step, Path(workdir)) as running:
-            # Blocked only now: the servers are started, and a child inherits the mask.
-            stop = set(STOP_SIGNALS)  # Ctrl-C, SIGTERM, SIGHUP
-            signal.pthread_sigmask(signal.SIG_BLOCK, stop)
             for name, pid in zip(running.names, running.pids, strict=True):
                 print(f"{name}: pid {pid}")
             token = f"BENCH_TOKEN={running.token} " if running.token else ""
@@ -395,8 +391,8 @@ def serve(step: Step) -> None:
                 "--concurrency 16 --warmup 1 --seconds 30\nCtrl-C stops the step.",
                 flush=True,
             )
-            signal.sigwait(stop)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
+            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM, SIGHUP
+                until_stopped()
 
 
 # --- The table -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Mutation testing: how many small bugs in one step's module that step's tests catch.
 
-    python tools/mutate.py NN MODULE [--tests tests/test_x.py ...]    (make mutate STEP=NN MODULE=x)
+    python tools/mutate.py NN MODULE [--tests tests/test_x.py ...] [--sample N]
+                                                           (make mutate STEP=NN MODULE=x)
 
 cosmic-ray (https://cosmic-ray.readthedocs.io) makes each small change its operators know to
 the module, one at a time: a comparison flipped, a number moved by one, a condition negated,
@@ -16,6 +17,7 @@ the kill rate, then each survivor as a diff: kill it with a test, or judge it eq
 """
 
 import argparse
+import random
 import shutil
 import subprocess
 import sys
@@ -70,6 +72,19 @@ def config(module: str, tests: list[str], timeout: float) -> str:
     )
 
 
+def keep_a_sample(session: str, size: int, seed: int) -> int:
+    """Leave `size` of the session's mutants, chosen at random with `seed`, and drop the
+    others; returns how many there were."""
+    from cosmic_ray.work_db import WorkDB, use_db
+
+    with use_db(session, WorkDB.Mode.open) as db:
+        items = list(db.work_items)
+        kept = random.Random(seed).sample(items, min(size, len(items)))
+        db.clear()
+        db.add_work_items(kept)
+    return len(items)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", metavar="NN")
@@ -78,6 +93,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds before a test run counts as hung"
     )
+    parser.add_argument(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="run a random sample of N mutants (for a module with hundreds), not all",
+    )
+    parser.add_argument("--seed", type=int, default=23, help="the sample's seed (default 23)")
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     [step] = select_steps([args.step], args.root)
@@ -99,7 +121,10 @@ def main(argv: list[str]) -> int:
         copy = work / step.name
         started = time.monotonic()
         run([str(COSMIC_RAY), "init", config_file, session], copy)
+        made = keep_a_sample(session, args.sample, args.seed) if args.sample else None
         print(f"{step.name}/{args.module}.py against {' '.join(tests)}", flush=True)
+        if made is not None:
+            print(f"a sample of {args.sample} of its {made} mutants (seed {args.seed})", flush=True)
         run([str(COSMIC_RAY), "baseline", config_file], copy)  # the tests pass unmutated
         run([str(COSMIC_RAY), "exec", config_file, session], copy)
         report = run([str(CR_REPORT), "--show-diff", "--surviving-only", session], copy)

@@ -12,6 +12,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import signal
 import socket
 import subprocess
@@ -73,6 +74,27 @@ def stop_on_signals() -> None:
 
     for stop in STOP_SIGNALS:
         signal.signal(stop, interrupt)
+
+
+def until_stopped() -> None:
+    """Block until a stop signal ends the tool (KeyboardInterrupt, from stop_on_signals).
+
+    The kernel hands a signal to any thread of the process that does not block it, and
+    Python runs its handler in the main thread only once that thread runs Python code
+    again: a main thread asleep in a lock, `pause()` or `sigwait()` can miss a signal that
+    one of the tool's threads (an output reader) took. The signal's C handler also writes to
+    Python's wakeup fd, whichever thread runs it: waiting on that wakes the main thread."""
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    try:
+        while True:
+            select.select([reader], [], [])
+            reader.recv(64)  # the handler runs now, and raises KeyboardInterrupt
+    finally:
+        signal.set_wakeup_fd(previous)
+        reader.close()
+        writer.close()
 
 
 class ToolError(RuntimeError):

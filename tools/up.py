@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.broker import KafkaBroker, S3Server, serve
 from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver, print_traces
-from tools.processes import StepServices, ToolError, demo_environment, run_tool
+from tools.processes import StepServices, ToolError, demo_environment, run_tool, until_stopped
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
 from tools.steps import Step, find_step
 from tools.tour import METRICS_PORTS, TOUR
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if broker:
             serve(broker)  # Enter stops and starts it, until a stop signal
         else:
-            threading.Event().wait()  # until a stop signal
+            until_stopped()
     return 0
 
 

@@ -109,8 +109,8 @@ async def test_a_failing_logger_opens_the_breaker_and_greetings_stop_waiting_for
         f"open_p50_ms={statistics.median(opened) * 1000:.1f} open_max_ms={max(opened) * 1000:.1f}"
     )
     assert (state, skipped, unlogged) == ("open", 20, FAILURES)
-    if fault == "stuck":  # each failure cost the whole Logger timeout
-        assert min(closed) >= LOGGER_TIMEOUT * 0.9, closed
+    if fault == "stuck":  # each failure cost two or three attempts of a third of the timeout
+        assert min(closed) >= LOGGER_TIMEOUT * 2 / 3, closed
     assert max(opened) < 0.1, opened  # and no skip costs more than the greeting itself
     [line] = breaker_lines(caplog)  # one change, one line
     assert line.startswith(f"Logger breaker open: {FAILURES} dependency failures in a row")
