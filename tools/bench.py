@@ -379,8 +379,12 @@ def leak_check(steps: list[Step], calls: int = LEAK_CALLS) -> str:
 
 def serve(step: Step) -> None:
     """Start the step as the bench does, print its processes and the command that loads it
-    as the bench does, and keep it running until Ctrl-C (or SIGTERM)."""
-    with tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir:
+    as the bench does, and keep it running until Ctrl-C (or SIGTERM, SIGHUP): the way it
+    ends, whenever it comes (exit 0)."""
+    with (
+        contextlib.suppress(KeyboardInterrupt),
+        tempfile.TemporaryDirectory(prefix="bench-serve-") as workdir,
+    ):
         with step_servers(step, Path(workdir)) as running:
             for name, pid in zip(running.names, running.pids, strict=True):
                 print(f"{name}: pid {pid}")
@@ -391,8 +395,7 @@ def serve(step: Step) -> None:
                 "--concurrency 16 --warmup 1 --seconds 30\nCtrl-C stops the step.",
                 flush=True,
             )
-            with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C, SIGTERM, SIGHUP
-                until_stopped()
+            until_stopped()
 
 
 # --- The table -----------------------------------------------------------------------------
