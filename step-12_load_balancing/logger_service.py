@@ -44,7 +44,7 @@ def greeting_problem(greeting: logger_pb2.Greeting) -> str | None:
 
 
 class GreetingLogService(logger_pb2_grpc.LoggerServicer):
-    def __init__(self, max_entries: int = 1000):
+    def __init__(self, max_entries: int):
         # The newest `max_entries` entries; appending to a full deque drops the oldest.
         self.entries: collections.deque[logger_pb2.Entry] = collections.deque(maxlen=max_entries)
         self.recorded = 0  # entries ever recorded: the next entry's sequence number - 1

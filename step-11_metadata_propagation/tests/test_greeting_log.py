@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import select
+import socket
 import time
 
 import grpc
@@ -217,6 +219,24 @@ async def test_the_logger_channel_waits_at_most_5_s_between_reconnects(
     await start_server(logger_target=logger.address)
     [options] = [options for target, options in opened if target == logger.address]
     assert options["grpc.max_reconnect_backoff_ms"] == 5000
+
+
+async def test_the_greeter_connects_to_the_logger_as_it_starts(start_server):
+    """Not at the first greeting, which then need not wait for the connection."""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        await start_server(logger_target=address)
+        await eventually(lambda: select.select([listening], [], [], 0)[0], message="a connection")
+
+
+async def test_every_unlogged_series_is_there_from_the_start_at_zero(start_server):
+    """So that rate() and alerts see the first failure, not a series that appears."""
+    server = await start_server()
+    samples = await scrape(server.metrics_address)
+    for code in ("Unavailable", "DeadlineExceeded", "Unauthenticated", "InvalidArgument", "OK"):
+        assert value(samples, "greeter_unlogged_greetings_total", grpc_code=code) == 0, code
 
 
 async def test_a_caller_that_goes_away_does_not_cancel_its_report(start_server, start_logger):

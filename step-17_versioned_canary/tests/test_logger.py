@@ -146,6 +146,42 @@ async def test_the_logger_keeps_the_newest_1000_entries_by_default(start_logger)
     assert logger.servicer.entries[0].sequence == 2
 
 
+def record_request_of(size: int) -> logger_pb2.RecordRequest:
+    """A RecordRequest of exactly `size` bytes on the wire: one name that long (refused as a
+    name, once read)."""
+    request = logger_pb2.RecordRequest(greeting=greeting(names=[""]))
+    request.greeting.names[0] = "a" * (size - request.ByteSize())
+    while request.ByteSize() > size:  # the name's length prefix grew with it
+        request.greeting.names[0] = request.greeting.names[0][:-1]
+    assert request.ByteSize() == size
+    return request
+
+
+@pytest.mark.parametrize(
+    ("size", "code"),
+    [(65536, grpc.StatusCode.INVALID_ARGUMENT), (65537, grpc.StatusCode.RESOURCE_EXHAUSTED)],
+    ids=["64KiB-read", "over-refused-unread"],
+)
+async def test_a_record_over_64_kib_is_refused_before_it_is_read(start_logger, size, code):
+    """64 KiB is read (and refused by the checks, this name is too long); one byte more is
+    refused by gRPC before any of it is read."""
+    logger = await start_logger()
+    async with logger_channel(logger.address) as channel:
+        call = logger_pb2_grpc.LoggerStub(channel).Record(record_request_of(size), timeout=5)
+        error = await rpc_error(call)
+    assert error.code() == code, error.details()
+
+
+async def test_the_largest_real_greetings_are_stored_and_100_of_them_listed(start_logger):
+    """The biggest Record a real caller sends: a chat of 100 names of 100 characters, each
+    of 4 bytes in UTF-8 (about 40 KB). 100 of them in one ListRecent reply is about 4 MB."""
+    logger = await start_logger()
+    largest = greeting(names=["𝔸" * 100] * 100)
+    await record(logger.address, *[largest] * 100)
+    entries = await logged_greetings(logger.address, limit=100)
+    assert len(entries) == 100 and all(e.greeting.names == largest.names for e in entries)
+
+
 async def test_listing_more_than_the_maximum_is_refused(start_logger):
     logger = await start_logger()
     async with logger_channel(logger.address) as channel:
