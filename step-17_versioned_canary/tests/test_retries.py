@@ -44,7 +44,23 @@ class FlakyLogger(GreetingLogService):
 
 
 class AlwaysFlakyLogger(FlakyLogger):
-    failures = 100
+    failures = 10_000
+
+
+class OutOfTimeLogger(FlakyLogger):
+    """Answers every Record with DEADLINE_EXCEEDED at once: an attempt out of its time."""
+
+    async def Record(self, request, context):
+        self.attempts.append(0)
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "out of time")
+
+
+class CountingStuckLogger(FlakyLogger):
+    """Takes every Record, notes it, and never answers."""
+
+    async def Record(self, request, context):
+        self.attempts.append(0)
+        await asyncio.Event().wait()
 
 
 class RefusingLogger(FlakyLogger):
@@ -126,6 +142,52 @@ async def test_retries_stop_at_the_policys_attempts(start_server, start_logger):
     assert await unlogged(server, "Unavailable") == 1
 
 
+async def test_the_greeters_own_attempts_stop_at_3(start_server, start_logger):
+    """Attempts that run out of time at once: the Greeter makes three (retries.py), then
+    gives up."""
+    logger = await start_logger(OutOfTimeLogger)
+    server = await start_server(logger_target=logger.address, logger_timeout=3.0)
+    await say_hello(server.address)
+    assert len(logger.servicer.attempts) == 3
+    assert await unlogged(server, "DeadlineExceeded") == 1
+
+
+async def test_no_attempt_starts_that_the_callers_deadline_leaves_no_room_for(
+    start_server, start_logger
+):
+    """A caller with 0.3 s, a stuck Logger: the first attempt takes what the caller has
+    left, and no second one starts (it would not fit, with its backoff)."""
+    logger = await start_logger(CountingStuckLogger)
+    server = await start_server(logger_target=logger.address, logger_timeout=3.0)
+    with contextlib.suppress(grpc.aio.AioRpcError):  # only if the way back was that slow
+        await say_hello(server.address, timeout=0.3)
+    assert len(logger.servicer.attempts) == 1
+
+
+async def test_a_logger_that_is_down_drains_the_retry_tokens_within_50_attempts(
+    start_server, start_logger
+):
+    """The channel's retry throttling (100 tokens, 1 per failed attempt, none retried at
+    half, 0.1 back per success): 16 reports get their 3 attempts, the 17th 2, every later
+    one 1; 5 successes then give back only half a token."""
+    logger = await start_logger(AlwaysFlakyLogger)
+    server = await start_server(
+        # The breaker (step 14) would stop the reports after 5: the channel's throttling alone.
+        logger_target=logger.address,
+        logger_timeout=3.0,
+        logger_breaker_failures=1000,
+    )
+    for _ in range(20):
+        await say_hello(server.address)
+    assert len(logger.servicer.attempts) == 16 * 3 + 2 + 3 * 1  # 47 tokens left
+    logger.servicer.failures = 0  # the Logger is back
+    for _ in range(5):
+        await say_hello(server.address)  # 47.5 tokens
+    logger.servicer.failures, before = 10_000, len(logger.servicer.attempts)
+    await say_hello(server.address)
+    assert len(logger.servicer.attempts) - before == 1  # still throttled
+
+
 @pytest.mark.parametrize(
     ("code", "counted_as"),
     [
@@ -205,8 +267,8 @@ async def test_a_stuck_replica_costs_one_short_attempt_and_the_next_goes_elsewhe
     )
     # Round robin sends every report but maybe the first to the stuck replica first.
     durations = [await say_hello(server.address) for _ in range(4)]
-    assert len(await logged_greetings(healthy.address)) == 4
-    assert await unlogged(server, "DeadlineExceeded") == 0
+    lost = await unlogged(server, "DeadlineExceeded")
+    assert (len(await logged_greetings(healthy.address)), lost) == (4, 0), durations
     # One short attempt (a third of the Logger timeout: 1 s) at most, never the whole 3 s.
     assert max(durations) < 1.0 + 1.0, durations
 
