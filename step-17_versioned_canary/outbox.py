@@ -91,6 +91,15 @@ def reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+def retry_pauses() -> Iterator[float]:
+    """The pauses between two tries while the broker is away: doubling from the first of
+    RETRY_BACKOFF_SECONDS to the last, then the last."""
+    pause = RETRY_BACKOFF_SECONDS[0]
+    while True:
+        yield pause
+        pause = min(pause * 2, RETRY_BACKOFF_SECONDS[1])
+
+
 class EventPublisher:
     """Publishes GreetedEvents through a bounded outbox (see the module's docstring)."""
 
@@ -155,7 +164,7 @@ class EventPublisher:
     async def deliver(self) -> None:
         """Send the outbox to the broker for as long as the task runs: connecting (again)
         while the broker is away, taking an event out only once it was acknowledged."""
-        backoff = RETRY_BACKOFF_SECONDS[0]
+        pauses = retry_pauses()
         producer: AIOKafkaProducer | None = None
         try:
             while True:
@@ -182,10 +191,9 @@ class EventPublisher:
                     if producer is not None:
                         await stop_quietly(producer)
                         producer = None
-                    await asyncio.sleep(backoff)  # the retry's pace, not synchronisation
-                    backoff = min(backoff * 2, RETRY_BACKOFF_SECONDS[1])
+                    await asyncio.sleep(next(pauses))  # the retry's pace, not synchronisation
                     continue
-                backoff = RETRY_BACKOFF_SECONDS[0]
+                pauses = retry_pauses()  # the next outage starts from the first pause again
                 for _ in batch:  # only this task takes events out: these are the batch
                     self._outbox.popleft()
                 self._published.inc(len(batch))

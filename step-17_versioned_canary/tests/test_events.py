@@ -6,6 +6,7 @@ commit and counts nothing twice; SIGTERM delivers the outbox before the Greeter 
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import signal
@@ -353,7 +354,10 @@ async def test_a_broker_outage_is_one_line_when_it_goes_and_one_when_it_is_back(
         lines = services[name].output.splitlines()
         assert [line for line in lines if " ERROR " in line or "WARNING aiokafka" in line] == []
         assert len([line for line in lines if away in line]) == 1, services[name].output
-        assert len([line for line in lines if back in line]) == 1, services[name].output
+        [back_line] = [line for line in lines if back in line]
+        # How long the broker was away: the outage, and less than the reconnecting after it.
+        seconds = float(re.search(r"again after ([0-9.]+) s", back_line).group(1))
+        assert OUTAGE_SECONDS <= seconds < OUTAGE_SECONDS + 30, back_line
 
 
 async def test_events_still_in_the_outbox_when_the_grace_ends_are_counted_as_lost(caplog):
@@ -482,3 +486,18 @@ async def test_a_backlog_goes_to_the_broker_in_one_batch(memory_broker, monkeypa
                 await delivering
     assert registry.get_sample_value("greeter_events_published_total") == 200
     assert CountingProducer.most_unacknowledged == 200
+
+
+def test_tries_while_the_broker_is_away_double_their_pause_from_50_ms_to_1_s():
+    assert list(itertools.islice(outbox.retry_pauses(), 7)) == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+async def test_an_outbox_of_more_than_256_drops_the_event_beyond_it(caplog):
+    """The outbox's bound, with a capacity past the small integers Python keeps once."""
+    registry = CollectorRegistry()
+    with closed_port() as nowhere:  # no broker: every event waits
+        async with publishing_events(nowhere, 300, 0.1, registry) as publisher:
+            for _ in range(301):
+                publisher.publish(["Ada"], "SayHello")
+    assert registry.get_sample_value("greeter_events_dropped_total", {"reason": "outbox_full"}) == 1
+    assert registry.get_sample_value("greeter_events_dropped_total", {"reason": "shutdown"}) == 300
