@@ -12,7 +12,9 @@ import time
 
 import grpc
 import pytest
+from tenacity import RetryCallState
 
+import retries
 from balancing import channel_options
 from greeter.v1 import greeter_pb2_grpc
 from helpers import STEP_DIR, Request, logged_greetings, logger_channel, open_channel, scrape, value
@@ -355,3 +357,28 @@ async def test_a_logger_replica_killed_under_load_loses_no_greeting_and_no_entry
         assert lost == 0, {k: v for k, v in samples.items() if "unlogged" in k[0] and v}
         retried = value(samples, "grpc_client_handled_total", grpc_code="OK", **RECORD)
         assert retried == results["ok"]
+
+
+def test_the_retry_policy_is_the_one_the_readme_documents():
+    """What the channel is told (gRFC A6): read literally, since its backoffs are random and
+    only a timing assertion could see a changed multiplier."""
+    assert retries.RETRY_POLICY == {
+        "maxAttempts": 3,
+        "initialBackoff": "0.05s",
+        "maxBackoff": "0.5s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    assert retries.RETRY_THROTTLING == {"maxTokens": 100, "tokenRatio": 0.1}
+
+
+def test_the_greeters_own_backoff_is_random_and_at_most_10_ms_then_20_ms():
+    """Full jitter (tenacity's wait_random_exponential, 10 ms doubling, at most 100 ms):
+    after the first attempt a pause of 0 to 10 ms, after the second 0 to 20 ms."""
+    wait = retries.report_attempts(5.0).wait
+    for attempt, most in ((1, 0.01), (2, 0.02)):
+        state = RetryCallState(None, None, (), {})
+        state.attempt_number = attempt
+        pauses = [wait(state) for _ in range(200)]
+        assert all(0 <= pause <= most for pause in pauses), (attempt, max(pauses), min(pauses))
+        assert max(pauses) > most / 2  # random over the whole range, not a fixed pause
