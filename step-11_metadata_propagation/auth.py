@@ -23,9 +23,9 @@ MAX_USER_ID_LENGTH = 64
 # sending (see `rejecting_handler`), within these bounds: an unauthenticated caller gets
 # no more of the server than that.
 QUIET_SECONDS = 0.2  # no message for this long: the client is waiting for us
-# The quiet is timed in ticks of this length. A tick that ends a tick or more late means
-# this process was stalled (busy, or not scheduled): a message the client sent meanwhile
-# may not have been read yet, so the quiet starts again.
+# The quiet is counted in ticks of this length, each a wake-up of this process: one that was
+# stalled (busy, or not scheduled) longer than the quiet has still run only one tick, and
+# the message its client sent meanwhile is read in the next.
 QUIET_TICK_SECONDS = 0.05
 MAX_DRAIN_SECONDS = 2.0
 MAX_DRAIN_MESSAGES = 100
@@ -168,18 +168,13 @@ async def until_the_client_stops_sending(request_iterator) -> None:
 
 async def another_request_arrives(requests) -> bool:
     """True when a request arrives; False when the client half-closes, or sends nothing for
-    QUIET_SECONDS of time in which this process ran."""
-    loop = asyncio.get_running_loop()
+    QUIET_SECONDS counted in ticks of this process."""
     read = asyncio.ensure_future(anext(requests, None))
     try:
-        quiet_ticks = 0
-        while quiet_ticks * QUIET_TICK_SECONDS < QUIET_SECONDS:
-            tick_started = loop.time()
+        for _ in range(round(QUIET_SECONDS / QUIET_TICK_SECONDS)):
             done, _ = await asyncio.wait({read}, timeout=QUIET_TICK_SECONDS)
             if done:
                 return read.result() is not None
-            stalled = loop.time() - tick_started >= 2 * QUIET_TICK_SECONDS
-            quiet_ticks = 0 if stalled else quiet_ticks + 1
         return False
     finally:
         read.cancel()

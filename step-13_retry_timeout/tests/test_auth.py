@@ -174,6 +174,18 @@ async def test_chat_rejection_is_always_unauthenticated(server_address, client):
     assert await rejection_outcomes(server_address, client, 100) == {"UNAUTHENTICATED": 100}
 
 
+async def test_a_client_waiting_for_a_reply_is_rejected_after_the_quiet_not_the_drain_limit(
+    server_address,
+):
+    """Our client's way (ping-pong): it writes, then waits. The server hears nothing for
+    0.2 s and rejects it then, well within this call's 1.5 s (the drain's own limit is 2 s)."""
+    async with open_channel(server_address, token="a-wrong-token-of-enough-length") as channel:
+        call = greeter_pb2_grpc.GreeterStub(channel).Chat(timeout=1.5)
+        await call.write(Request(name="Ada"))
+        error = await rpc_error(call.read())
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 async def test_a_stalled_server_does_not_take_a_writing_client_for_a_quiet_one(server_address):
     """On a busy machine the server's process may not run for longer than QUIET_SECONDS while
     a client writes; the drain must not count that time as quiet, or it rejects a client
