@@ -443,6 +443,16 @@ async def test_a_batch_is_committed_only_once_processed_so_a_crash_loses_none_of
     second = GreetingCounts(10, CollectorRegistry(), TracerProvider())
     await count_until(second, enough=10)
     assert second.total == 10
+    # What the group committed: the offset after the last event counted (10), nothing more
+    # to read again.
+    reader = AIOKafkaConsumer(bootstrap_servers=memory_broker.bootstrap, group_id=GROUP)
+    await reader.start()
+    try:
+        await assign_every_partition(reader, memory_broker.bootstrap, asyncio.Event())
+        committed = [await reader.committed(partition) for partition in reader.assignment()]
+    finally:
+        await reader.stop()
+    assert sum(offset or 0 for offset in committed) == 10
 
 
 class CountingProducer(AIOKafkaProducer):
