@@ -125,7 +125,7 @@ class LoggerBreaker:
     def state(self) -> str:
         return self._breaker.current_state
 
-    async def call(self, logger_call: Callable[[], Awaitable[T]], deadline_was_ours=True) -> T:
+    async def call(self, logger_call: Callable[[], Awaitable[T]], *, deadline_was_ours: bool) -> T:
         """`await logger_call()` if the breaker lets it through, else LoggerSkipped at once.
         Its errors are raised as they are; only dependency failures count against the Logger
         (`is_dependency_failure`)."""

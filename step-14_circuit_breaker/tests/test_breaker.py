@@ -156,6 +156,80 @@ async def test_a_restarted_logger_closes_the_breaker_after_one_trial_call(
     assert lines[-1].startswith("Logger breaker closed: the trial call succeeded; ")
 
 
+async def test_each_change_of_state_is_one_line_with_its_figures(
+    start_server, start_logger, caplog
+):
+    """Two rounds: opened, a trial that fails (open again), a trial that succeeds (closed,
+    with the greetings skipped meanwhile); then opened and closed again, its count from 0."""
+    caplog.set_level(logging.INFO, logger="greeter.breaker")
+    reset = 0.3
+    server, logger = await start_pair(start_server, start_logger, reset=reset)
+    async with open_channel(server.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        logger.servicer.failure = grpc.StatusCode.RESOURCE_EXHAUSTED  # fails at once
+        for _ in range(FAILURES + 2):  # opened, then 2 skipped
+            await greet(stub)
+        await wait_for_the_reset_timeout(reset)
+        await greet(stub)  # the trial fails: open again
+        await greet(stub)  # skipped
+        logger.servicer.failure = None
+        await wait_for_the_reset_timeout(reset)
+        await greet(stub)  # the trial succeeds: closed
+        logger.servicer.failure = grpc.StatusCode.RESOURCE_EXHAUSTED
+        for _ in range(FAILURES + 1):  # opened, then 1 skipped
+            await greet(stub)
+        logger.servicer.failure = None
+        await wait_for_the_reset_timeout(reset)
+        await greet(stub)  # closed
+    opened = (
+        "Logger breaker open: 3 dependency failures in a row, the last RESOURCE_EXHAUSTED; "
+        "greetings skip the Logger for 0.3 s"
+    )
+    half_open = "Logger breaker half-open: one trial call goes to the Logger"
+    closed = "Logger breaker closed: the trial call succeeded; {} greetings skipped the Logger while it was open"
+    assert breaker_lines(caplog) == [
+        opened,
+        half_open,
+        "Logger breaker open again: the trial call failed with RESOURCE_EXHAUSTED; "
+        "greetings skip the Logger for 0.3 s",
+        half_open,
+        closed.format(3),
+        opened,
+        half_open,
+        closed.format(1),
+    ]
+
+
+async def test_while_closed_concurrent_greetings_all_reach_the_logger(start_server, start_logger):
+    """Only a half-open breaker holds greetings back while its one trial call is out."""
+    server, logger = await start_pair(start_server, start_logger, reset=60)
+    logger.servicer.gate.clear()  # every Record waits at the Logger
+    async with open_channel(server.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        greetings = [asyncio.create_task(greet(stub)) for _ in range(10)]
+        await eventually(lambda: logger.servicer.calls == 10, message="10 calls at the Logger")
+        logger.servicer.gate.set()
+        await asyncio.gather(*greetings)
+    assert (await breaker_metrics(server))[:2] == ("closed", 0)
+
+
+async def test_failures_of_calls_made_before_it_opened_keep_it_open_in_one_line(
+    start_server, start_logger, caplog
+):
+    """Six greetings at once, a stuck Logger: three failures open the breaker, and the three
+    that were already on their way fail after it: open stays open, one line."""
+    server, logger = await start_pair(start_server, start_logger, reset=60)
+    logger.servicer.stuck = True
+    async with open_channel(server.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        greetings = [asyncio.create_task(greet(stub)) for _ in range(FAILURES * 2)]
+        await eventually(lambda: logger.servicer.calls >= FAILURES * 2, message="6 calls")
+        await asyncio.gather(*greetings)
+    assert (await breaker_metrics(server)) == ("open", 0, FAILURES * 2)
+    [line] = breaker_lines(caplog)
+    assert line.startswith("Logger breaker open: 3 dependency failures in a row")
+
+
 async def test_while_half_open_exactly_one_of_50_concurrent_greetings_reaches_the_logger(
     start_server, start_logger
 ):
