@@ -511,3 +511,23 @@ async def test_an_outbox_of_more_than_256_drops_the_event_beyond_it(caplog):
                 publisher.publish(["Ada"], "SayHello")
     assert registry.get_sample_value("greeter_events_dropped_total", {"reason": "outbox_full"}) == 1
     assert registry.get_sample_value("greeter_events_dropped_total", {"reason": "shutdown"}) == 300
+
+
+async def test_a_logger_whose_broker_is_away_at_start_serves_and_says_so(start_logger, caplog):
+    """The consumer cannot even start: the Logger serves all the same, and one line says
+    why its events are not read (it keeps trying, quietly)."""
+    caplog.set_level(logging.INFO, logger="logger.events")
+    with closed_port() as nowhere:
+        logger = await start_logger(kafka_bootstrap_servers=nowhere)
+
+        def outage_lines() -> list[str]:
+            return [
+                r.getMessage()
+                for r in caplog.records
+                if r.getMessage().startswith("events are not read: the broker: ")
+            ]
+
+        await eventually(outage_lines, message="the line that says the broker is away")
+        assert await logged_greetings(logger.address) == []  # the Logger serves
+        await logger.shut_down()  # its consumer still trying, and stopped cleanly
+    assert len(outage_lines()) == 1
