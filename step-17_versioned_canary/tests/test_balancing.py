@@ -77,13 +77,25 @@ async def test_an_address_list_passes_the_tls_name_check_and_reaches_every_repli
     start_server, scheme
 ):
     """TLS checks the name of the list's first host ("127.0.0.1", "::1" without brackets)
-    against each replica's certificate, which names both."""
-    host = "127.0.0.1" if scheme == "ipv4" else "::1"
-    replicas = [await start_server(host=host, replica_name=f"replica-{n}") for n in (1, 2)]
+    against each replica's certificate, which names both (and not 127.0.0.2, where the
+    second IPv4 replica listens)."""
+    hosts = ["127.0.0.1", "127.0.0.2"] if scheme == "ipv4" else ["::1", "::1"]
+    replicas = [
+        await start_server(host=host, replica_name=f"replica-{n}")
+        for n, host in enumerate(hosts, start=1)
+    ]
     target = f"{scheme}:" + ",".join(replica.address for replica in replicas)
     async with balanced_channel(target) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         await until_every_replica_answers(stub, {"replica-1", "replica-2"})
+
+
+def test_a_balanced_channel_waits_at_most_5_s_between_reconnects():
+    """gRPC's own cap is 120 s: a replica back after a long outage would get no call for up
+    to two minutes. (Read from the options: waiting out a real backoff that grows past 5 s
+    takes half a minute.)"""
+    options = dict(channel_options("ipv4:127.0.0.1:50051,127.0.0.1:50061"))
+    assert options["grpc.max_reconnect_backoff_ms"] == 5000
 
 
 async def test_every_reply_names_the_replica_that_served_it():
