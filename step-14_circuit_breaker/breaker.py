@@ -40,7 +40,7 @@ class LoggerSkipped(Exception):
     """The breaker is open, or its one trial call is in flight: the Logger was not called."""
 
 
-def is_dependency_failure(error: BaseException, deadline_was_ours: bool = True) -> bool:
+def is_dependency_failure(error: BaseException, deadline_was_ours: bool) -> bool:
     """Whether `error` counts against the Logger. A DEADLINE_EXCEEDED counts only when the call
     had the Greeter's whole Logger timeout: when the caller's own deadline cut it short, the
     caller ran out of time, and callers in a hurry must not open the breaker for everyone."""
