@@ -440,9 +440,11 @@ async def test_a_batch_is_committed_only_once_processed_so_a_crash_loses_none_of
     with pytest.raises(RuntimeError, match="crashed mid-batch"):
         await count_until(first, enough=10)
     assert first.total == 4
-    second = GreetingCounts(10, CollectorRegistry(), TracerProvider())
+    registry = CollectorRegistry()
+    second = GreetingCounts(10, registry, TracerProvider())
     await count_until(second, enough=10)
     assert second.total == 10
+    assert registry.get_sample_value("logger_events_lag") == 0  # nothing left to read
     # What the group committed: the offset after the last event counted (10), nothing more
     # to read again.
     reader = AIOKafkaConsumer(bootstrap_servers=memory_broker.bootstrap, group_id=GROUP)
