@@ -20,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
+import greeting_counts
 import outbox
 from events.v1 import events_pb2
 from greeter.v1 import greeter_pb2_grpc
@@ -533,3 +534,36 @@ async def test_a_logger_whose_broker_is_away_at_start_serves_and_says_so(start_l
         assert await logged_greetings(logger.address) == []  # the Logger serves
         await logger.shut_down()  # its consumer still trying, and stopped cleanly
     assert len(outage_lines()) == 1
+
+
+def test_the_consumers_pace_is_the_one_its_comments_give():
+    """How long a poll waits, the pause between two tries while the broker is away, and
+    the time a stopping consumer gets: read literally, since only a timing assertion could
+    see them move."""
+    assert greeting_counts.POLL_MILLISECONDS == 200
+    assert greeting_counts.RETRY_SECONDS == 0.5
+    assert greeting_counts.STOP_SECONDS == 10.0
+    assert greeting_counts.PARTITIONS_CHECK_SECONDS == 10.0
+
+
+async def test_a_consumer_given_some_seconds_returns_after_them(memory_broker):
+    """What an "all" consumer relies on to look for new partitions now and then: consume()
+    returns once its seconds have passed, with nothing to read and no stop."""
+    producer = AIOKafkaProducer(bootstrap_servers=memory_broker.bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(TOPIC, greeted_event("only"), key=b"ada")
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=memory_broker.bootstrap, group_id=GROUP, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        stop = asyncio.Event()
+        await assign_every_partition(consumer, memory_broker.bootstrap, stop)
+        counts = GreetingCounts(10, CollectorRegistry(), TracerProvider())
+        with one_line_per_outage(logging.getLogger("test"), "events") as outage:
+            await asyncio.wait_for(consume(consumer, counts, stop, outage, for_seconds=0.3), 10)
+    finally:
+        await consumer.stop()
