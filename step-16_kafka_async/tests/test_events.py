@@ -376,6 +376,17 @@ def greeted_event(event_id: str, user_id: str = "ada") -> bytes:
     return events_pb2.GreetedEvent(event_id=event_id, user_id=user_id).SerializeToString()
 
 
+async def put_on_the_topic(bootstrap: str, *event_ids: str) -> None:
+    """GreetedEvents with these ids, as the Greeter publishes them (one key: one partition)."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        for event_id in event_ids:
+            await producer.send_and_wait(TOPIC, greeted_event(event_id), key=b"ada")
+    finally:
+        await producer.stop()
+
+
 def test_an_event_delivered_again_is_counted_once_while_its_id_is_remembered():
     registry = CollectorRegistry()
     counts = GreetingCounts(3, registry, TracerProvider())
@@ -405,13 +416,7 @@ class FailingCounts(GreetingCounts):
 async def test_a_batch_is_committed_only_once_processed_so_a_crash_loses_none_of_it(memory_broker):
     """A consumer fails in the middle of its first batch: the next one in the group reads
     the whole batch again (the first's counts died with it; the events are not lost)."""
-    producer = AIOKafkaProducer(bootstrap_servers=memory_broker.bootstrap, acks="all")
-    await producer.start()
-    try:
-        for n in range(10):
-            await producer.send_and_wait(TOPIC, greeted_event(f"event-{n}"), key=b"ada")
-    finally:
-        await producer.stop()
+    await put_on_the_topic(memory_broker.bootstrap, *(f"event-{n}" for n in range(10)))
 
     async def count_until(counts: GreetingCounts, enough: int) -> None:
         consumer = AIOKafkaConsumer(
@@ -549,12 +554,7 @@ def test_the_consumers_pace_is_the_one_its_comments_give():
 async def test_a_consumer_given_some_seconds_returns_after_them(memory_broker):
     """What an "all" consumer relies on to look for new partitions now and then: consume()
     returns once its seconds have passed, with nothing to read and no stop."""
-    producer = AIOKafkaProducer(bootstrap_servers=memory_broker.bootstrap, acks="all")
-    await producer.start()
-    try:
-        await producer.send_and_wait(TOPIC, greeted_event("only"), key=b"ada")
-    finally:
-        await producer.stop()
+    await put_on_the_topic(memory_broker.bootstrap, "only")
     consumer = AIOKafkaConsumer(
         bootstrap_servers=memory_broker.bootstrap, group_id=GROUP, enable_auto_commit=False
     )
