@@ -292,14 +292,7 @@ def test_mutate_reports_the_mutants_a_weak_test_lets_survive(tmp_path):
     assert "surviving mutants: 2 (" in result.stdout
     assert "+    return x + 2" in result.stdout and "+    return x ** 2" in result.stdout
     assert (step / "calc.py").read_text() == "def double(x):\n    return x * 2\n"  # untouched
-    # A sample: the same mutants each time for the same seed.
-    sampled = [
-        tool("mutate.py", "--root", str(tmp_path), "01", "calc", "--sample", "2", "--seed", "7")
-        for _ in range(2)
-    ]
-    assert all("total jobs: 2" in run.stdout for run in sampled)
-    assert "a sample of 2 of its" in sampled[0].stdout
-    changes = [
-        [line for line in run.stdout.splitlines() if line.startswith("+  ")] for run in sampled
-    ]
-    assert changes[0] == changes[1]
+    # A sample of them (make mutate SAMPLE=2).
+    sampled = tool("mutate.py", "--root", str(tmp_path), "01", "calc", "--sample", "2")
+    assert "a sample of 2 of its" in sampled.stdout and "(seed 23)" in sampled.stdout
+    assert "total jobs: 2" in sampled.stdout
