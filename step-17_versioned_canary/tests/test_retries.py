@@ -271,10 +271,13 @@ async def test_a_stuck_replica_costs_one_short_attempt_and_the_next_goes_elsewhe
     server = await start_server(
         logger_target=f"ipv4:{stuck.address},{healthy.address}", logger_timeout=3.0
     )
-    # Round robin sends every report but maybe the first to the stuck replica first.
+    # The first report may leave while the channel is still connecting to one replica, and
+    # round robin then starts over at either (CI: two attempts on the stuck one, 2 s). Once
+    # both are connected, it alternates: every report meets the stuck replica once at most.
+    await say_hello(server.address)
     durations = [await say_hello(server.address) for _ in range(4)]
     lost = await unlogged(server, "DeadlineExceeded")
-    assert (len(await logged_greetings(healthy.address)), lost) == (4, 0), durations
+    assert (len(await logged_greetings(healthy.address)), lost) == (1 + 4, 0), durations
     # One short attempt (a third of the Logger timeout: 1 s) at most, never the whole 3 s.
     assert max(durations) < 1.0 + 1.0, durations
 
