@@ -25,19 +25,8 @@ venv: $(STAMP)
 
 $(STAMP): requirements.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0])'
-	@# A changed lock gets a fresh venv, so a package dropped from the lock is gone too.
-	@# Every file pip downloads is checked against the lock's hashes.
-	@rm -rf $(VENV) && $(PYTHON) -m venv $(VENV)
 	@echo "installing requirements.lock into $(VENV) (once per lock change) ..."
-	@# pip retries a refused connection but not a download that stalls half-way
-	@# (a read timeout from PyPI ended a CI run): try the whole install three times.
-	@# Wheels already fetched come from pip's cache, so a retry fetches only the rest.
-	@for attempt in 1 2 3; do \
-		$(PY) -m pip install --quiet --disable-pip-version-check --require-hashes -r requirements.lock \
-			> $(VENV)/pip.log 2>&1 && break; \
-		if [ $$attempt = 3 ]; then cat $(VENV)/pip.log; echo "pip install failed 3 times"; exit 1; fi; \
-		echo "pip install failed (attempt $$attempt of 3), trying again:"; tail -n 3 $(VENV)/pip.log; \
-	done
+	@$(PYTHON) tools/install.py
 	@touch $(STAMP)
 
 tour: $(STAMP)

@@ -36,6 +36,7 @@ GROUP = "logger"
 POLL_MILLISECONDS = 200
 RETRY_SECONDS = 0.5
 STOP_SECONDS = 10.0  # for the last batch and its commit, on shutdown
+LEAVE_SECONDS = 2.0  # for a consumer to leave, when the broker it would tell is away
 PARTITIONS_CHECK_SECONDS = 10.0  # how often an "all" consumer looks for new partitions
 
 
@@ -152,7 +153,9 @@ async def assign_every_partition(
     try:
         while not stop.is_set():
             [topic] = await admin.describe_topics([TOPIC])
-            if topic["error_code"] == 0 and topic["partitions"]:
+            # A topic the broker does not have (yet) comes with an error code and no
+            # partitions; one it has, with every partition.
+            if topic["partitions"]:
                 partitions = sorted(p["partition"] for p in topic["partitions"])
                 consumer.assign([TopicPartition(TOPIC, p) for p in partitions])
                 return
@@ -195,7 +198,7 @@ async def keep_consuming(
         finally:
             # Bounded: with the broker away, leaving could wait for its request timeouts.
             with contextlib.suppress(KafkaError, OSError, TimeoutError):
-                async with asyncio.timeout(RETRY_SECONDS * 4):
+                async with asyncio.timeout(LEAVE_SECONDS):
                     await consumer.stop()
 
 

@@ -5,6 +5,7 @@ import re
 import subprocess
 import tomllib
 
+from tools import install
 from tools.steps import ROOT
 
 LOCK = ROOT / "requirements.lock"
@@ -63,6 +64,14 @@ def test_the_runtime_lock_has_the_full_locks_versions_for_the_services_only():
         name: full[name][0] for name in runtime
     }
     assert not project_names("dev") & set(runtime), "a development tool in the image's lock"
+
+
+def test_the_installer_takes_uv_from_the_lock_with_every_hash(tmp_path):
+    """tools/install.py installs uv with pip first, from uv's own entry in the lock."""
+    entry = tmp_path / "uv.txt"
+    entry.write_text(install.lock_entry(LOCK.read_text(), "uv"))
+    assert locked_packages(entry) == {"uv": locked_packages(LOCK)["uv"]}
+    assert len(locked_packages(LOCK)["uv"]) > 2, "a version and the hashes of its wheels"
 
 
 def test_a_second_run_does_not_reinstall():

@@ -542,12 +542,13 @@ async def test_a_logger_whose_broker_is_away_at_start_serves_and_says_so(start_l
 
 
 def test_the_consumers_pace_is_the_one_its_comments_give():
-    """How long a poll waits, the pause between two tries while the broker is away, and
-    the time a stopping consumer gets: read literally, since only a timing assertion could
-    see them move."""
+    """How long a poll waits, the pause between two tries while the broker is away, the
+    time a stopping consumer gets, and the time it may take to leave: read literally, since
+    only a timing assertion could see them move."""
     assert greeting_counts.POLL_MILLISECONDS == 200
     assert greeting_counts.RETRY_SECONDS == 0.5
     assert greeting_counts.STOP_SECONDS == 10.0
+    assert greeting_counts.LEAVE_SECONDS == 2.0
     assert greeting_counts.PARTITIONS_CHECK_SECONDS == 10.0
 
 
