@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -64,6 +63,10 @@ async def tracer_provider(default_service_name: str) -> AsyncIterator[TracerProv
         # seconds (not the exporter's default 10 s, which a CLI would wait at every exit),
         # and an outage is reported once, not at every batch.
         timeout = None if os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT") else EXPORT_TIMEOUT_SECONDS
+        # Imported only here, where it is used: the exporter's own gRPC and protobuf code
+        # would cost every start of the CLI and the servers a fifth of a second.
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
         exporter = ReportingExporter(OTLPSpanExporter(timeout=timeout), endpoint)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     else:
