@@ -565,6 +565,8 @@ async def test_a_consumer_given_some_seconds_returns_after_them(memory_broker):
         await assign_every_partition(consumer, memory_broker.bootstrap, stop)
         counts = GreetingCounts(10, CollectorRegistry(), TracerProvider())
         with one_line_per_outage(logging.getLogger("test"), "events") as outage:
+            started = time.monotonic()
             await asyncio.wait_for(consume(consumer, counts, stop, outage, for_seconds=0.3), 10)
+            assert time.monotonic() - started >= 0.3, "it returned before its seconds were up"
     finally:
         await consumer.stop()
