@@ -12,7 +12,9 @@ have every real component the tests use.
 """
 
 import argparse
+import compileall
 import os
+import py_compile
 import subprocess
 import sys
 import tempfile
@@ -51,6 +53,22 @@ def stop_running() -> None:
     """Stop every pytest still running, and all that each one started."""
     for process in list(RUNNING):
         stop_process_group(process)
+
+
+def compile_modules(directories: list[Path]) -> None:
+    """Compile every module of `directories` once, before the runs. The tests start servers
+    and clients by the thousand, and where Python may not write bytecode
+    (PYTHONDONTWRITEBYTECODE=1, as on this project's machines) each start compiled the
+    step's own modules again: 0.3 s of CPU of a step 17 server's 0.55 s, 0.2 s of its
+    client's 0.35 s. Checked-hash files: a module edited since (a mutant, a test's copy)
+    is compiled from its source, never taken from a stale file."""
+    for directory in directories:
+        compileall.compile_dir(
+            directory,
+            quiet=1,
+            workers=0,  # one per core
+            invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH,
+        )
 
 
 def run_pytest(run: Run, ci: bool) -> Run:
@@ -166,6 +184,7 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     steps = select_steps(args.steps, args.root)
     runs = [Run(step.name, step.path) for step in steps]
+    compile_modules([step.path for step in steps] + [args.root / "tools", args.root / "tests"])
     # One run more than the cores: a suite waits for a third of its time (step 17's alone
     # keeps a core 64% busy), and three runs at a time on 2 cores took `make test` from
     # 759 s to 575 s (December 2026). Every test must hold beside two other suites: the one

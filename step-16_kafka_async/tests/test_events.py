@@ -399,6 +399,50 @@ def test_an_event_delivered_again_is_counted_once_while_its_id_is_remembered():
     assert registry.get_sample_value("logger_events_repeated_total") == 2
 
 
+def test_a_message_that_is_not_a_greeted_event_is_skipped_and_counted(caplog):
+    """Whatever else lands on the topic costs the consumer nothing: a warning, a count, and
+    the next event is counted as usual."""
+    caplog.set_level(logging.WARNING, logger="logger.events")
+    registry = CollectorRegistry()
+    counts = GreetingCounts(3, registry, TracerProvider())
+    counts.process(b"ada", b"\xff\xff not a protobuf message", [])
+    counts.process(b"ada", greeted_event("a"), [])
+    assert counts.by_user == {"ada": 1}
+    assert registry.get_sample_value("logger_events_unreadable_total") == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "skipped a message that is not a GreetedEvent (key=b'ada')"
+    ]
+
+
+async def test_a_consumer_that_does_not_stop_in_time_is_left_with_one_line(monkeypatch, caplog):
+    """A broker that takes the connection and never answers holds the consumer in its
+    start, where it does not look at the stop: the Logger's shutdown waits STOP_SECONDS
+    for it (1 s here), then goes on, and says so."""
+    monkeypatch.setattr(greeting_counts, "STOP_SECONDS", 1.0)
+    caplog.set_level(logging.WARNING, logger="logger.events")
+    connected, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await release.wait()
+        writer.close()
+
+    broker = await asyncio.start_server(hold, "127.0.0.1", 0)
+    address = f"127.0.0.1:{broker.sockets[0].getsockname()[1]}"
+    try:
+        async with greeting_counts.counting_greetings(
+            address, "group", 10, CollectorRegistry(), TracerProvider()
+        ):
+            await asyncio.wait_for(connected.wait(), 10)
+    finally:
+        release.set()
+        broker.close()
+        await broker.wait_closed()
+    assert [r.getMessage() for r in caplog.records] == [
+        "the events consumer did not stop within 1 s"
+    ]
+
+
 class FailingCounts(GreetingCounts):
     """Fails on the event `fail_at` (1 for the first): a crash in the middle of a batch."""
 
