@@ -155,7 +155,7 @@ async def test_a_broker_that_is_down_costs_no_greeting_and_loses_no_event(
     # Greetings go on, as traffic does: Tansu may hide the newest events from consumers until
     # the next one arrives (step 16's README, "The events after a broker restart").
     async with greetings_flowing(greeter.address) as flow:
-        await wait_until_counted(logger, at_least=12, published_by=greeter)
+        await wait_until_counted(logger, at_least=12, accepted_by=greeter)
     await wait_until_published(greeter, 12 + flow.greeted)  # the outbox empties
     records = await read_topic(broker.bootstrap, 12)
     ids = [events_pb2.GreetedEvent.FromString(r.value).event_id for r in records]
@@ -191,7 +191,7 @@ async def test_a_broker_restarted_while_greetings_flow_loses_and_doubles_nothing
         back, at_return = time.monotonic(), flow.greeted
         # Every event accepted before the return (each is in the outbox or published by now)
         # is counted, in the outbox's order, once.
-        await wait_until_counted(logger, at_least=at_return, published_by=greeter)
+        await wait_until_counted(logger, at_least=at_return, accepted_by=greeter)
         counted_after = time.monotonic() - back
     greeted, durations = flow.greeted, flow.durations
     await wait_until_published(greeter, greeted)  # the outbox empties: nothing dropped
@@ -203,15 +203,23 @@ async def test_a_broker_restarted_while_greetings_flow_loses_and_doubles_nothing
     )
 
 
-async def wait_until_counted(logger, at_least: int, published_by=None) -> None:
+async def wait_until_counted(logger, at_least: int, accepted_by=None) -> None:
     """Until the Logger has counted `at_least` events (within the README's bound); with
-    `published_by`, never more than that Greeter has published, at any poll."""
+    `accepted_by`, never more than that Greeter has accepted, at any poll: the Logger counts
+    an event once, however often it is delivered. Accepted is published or still in the
+    outbox (nothing is dropped here), read from one scrape. Not "published" alone: when the
+    broker takes a batch only in part, the consumer reads and counts those events while the
+    whole batch waits in the outbox to be sent again (seen once, with Tansu answering
+    UnknownError after its restart)."""
 
     async def counted() -> bool:
         counted = await metric(logger.metrics_address, "logger_events_processed_total")
-        if published_by is not None:
-            published = await metric(published_by.metrics_address, "greeter_events_published_total")
-            assert counted <= published, f"{counted} counted for {published} published"
+        if accepted_by is not None:
+            samples = await scrape(accepted_by.metrics_address)
+            accepted = value(samples, "greeter_events_published_total") + value(
+                samples, "greeter_events_outbox"
+            )
+            assert counted <= accepted, f"{counted} counted for {accepted} accepted"
         return counted >= at_least
 
     await eventually(
