@@ -131,12 +131,14 @@ async def test_streams_cancelled_right_after_their_first_reply_are_each_logged_o
             await call.read()
             call.cancel()
     # Each cancel travels to the server on its own: a SIGTERM sent before the last one
-    # arrived would cut that stream instead (and rightly say so).
+    # arrived would cut that stream instead (and rightly say so). A stream's RPC line is its
+    # last: it comes once the greeting's report to the Logger has ended.
     await eventually(
         lambda: (
-            server_process.output.count("greeter.service: StreamGreetings ") >= CANCELLED_STREAMS
+            server_process.output.count("/greeter.v1.Greeter/StreamGreetings code=")
+            >= CANCELLED_STREAMS
         ),
-        message=f"the server's lines of {CANCELLED_STREAMS} streams",
+        message=f"the RPC lines of {CANCELLED_STREAMS} streams",
     )
     assert server_process.stop() == 0
     output = server_process.output
