@@ -3,7 +3,7 @@
     python tools/run_tests.py [NN]      (make test [STEP=NN])
 
 Steps share module names (server, service, greeter.v1...), so one process cannot import two
-steps: each gets its own, and one more than the CPU cores run at once (`--jobs`), the
+steps: each gets its own, and two more than the CPU cores run at once (`--jobs`), the
 latest (and longest) steps first. The repo-level tests (tests/) are one more run among them,
 in a full run only.
 Prints a line per run as it finishes, then the output of every failed run, a summary
@@ -175,8 +175,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=(os.cpu_count() or 1) + 1,
-        help="test runs at once (default: one more than the CPU cores)",
+        default=(os.cpu_count() or 1) + 2,
+        help="test runs at once (default: two more than the CPU cores)",
     )
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -185,14 +185,10 @@ def main(argv: list[str]) -> int:
     steps = select_steps(args.steps, args.root)
     runs = [Run(step.name, step.path) for step in steps]
     compile_modules([step.path for step in steps] + [args.root / "tools", args.root / "tests"])
-    # One run more than the cores: a suite waits for a third of its time (step 17's alone
-    # keeps a core 64% busy), and three runs at a time on 2 cores took `make test` from
-    # 759 s to 575 s (December 2026). Four at a time took it to 531-572 s once the modules
-    # were compiled before the runs (compile_modules), but 4 of 5 such runs failed a test
-    # that holds beside two other suites: races that more load brings out (three found and
-    # fixed: metrics scraped before an aborted call was counted, a batch the broker took in
-    # part, a breaker trial's report still on its way). Until four at a time is green run
-    # after run, three it is; `--jobs 4` is there to hunt them.
+    # Two runs more than the cores: a suite waits for a third of its time (step 17's alone
+    # keeps a core 64% busy); with three runs at a time on 2 cores the cores were 74% busy
+    # and `make test` took 589-632 s, with four 536 s (December 2026). The load four bring
+    # found five races in tests (each fixed in the test: it now waits for what it checks).
     pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
     # Longest first: a later step carries every earlier test and takes longer, and two long
     # suites left for the end would run with a core idle beside the last one (on 2 cores,
