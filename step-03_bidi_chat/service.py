@@ -5,6 +5,7 @@ import logging
 
 import grpc
 
+from drain import refuse_stream
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 
 # A name, not a document: long enough for any real name, short enough that nobody can
@@ -17,6 +18,8 @@ MAX_STREAM_COUNT = 10
 DEADLINE_CANCEL_SECONDS = 0.1
 # A chat is bounded as well: a client that needs more starts a new one.
 MAX_CHAT_MESSAGES = 100
+# So are the names one GreetMany call may send.
+MAX_GREET_MANY_NAMES = 100
 
 log = logging.getLogger("greeter.service")
 
@@ -52,6 +55,11 @@ async def require_valid_count(count: int, context: grpc.aio.ServicerContext) -> 
     return count
 
 
+def listed(names: list[str]) -> str:
+    """The names as a sentence says them: Ada; Ada and Grace; Ada, Grace and Alan."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 class Greeter(greeter_pb2_grpc.GreeterServicer):
     def __init__(self, stream_interval: float = 0.5):
         self.stream_interval = stream_interval  # seconds between two streamed replies
@@ -83,6 +91,40 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
             log.info("StreamGreetings %s after %d of %d replies", self.ended(context), sent, count)
             raise
 
+    async def GreetMany(self, request_iterator, context):
+        # Each name is checked the moment it arrives: a bad one, or one too many, ends the
+        # call once the client stops sending (without keeping what it sends meanwhile). The
+        # one reply waits for the half-close.
+        names: list[str] = []
+        async for request in request_iterator:
+            if len(names) == MAX_GREET_MANY_NAMES:
+                await refuse_stream(
+                    request_iterator,
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"GreetMany takes at most {MAX_GREET_MANY_NAMES} names; "
+                    "greet the others in another call",
+                )
+            if (problem := name_problem(request.name)) is not None:
+                await refuse_stream(
+                    request_iterator, context, grpc.StatusCode.INVALID_ARGUMENT, problem
+                )
+            names.append(request.name)
+        # grpc.aio ends the stream the same way when the client half-closes, cancels or runs
+        # out of time, and when the server stops. The last two can be told apart here, and
+        # nobody waits for a reply then: the client already has its status.
+        if (reason := self.cut_short(context)) is not None:
+            log.info("GreetMany %s; names read: %d", reason, len(names))
+            raise asyncio.CancelledError
+        if not names:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "GreetMany needs at least one name; send one or more before closing the stream",
+            )
+        # A client that cancelled gets here too, as if it had half-closed: gRPC drops the
+        # reply (step 03's README, "How it works").
+        return greeter_pb2.HelloReply(message=f"Hello, {listed(names)}!")
+
     async def Chat(self, request_iterator, context):
         # One reply per message, the moment it arrives: the loop never waits for the
         # client to finish sending. It ends when the client half-closes.
@@ -105,6 +147,11 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
 
     def ended(self, context) -> str:
         """Why a call was stopped before its end, as its log line says it."""
+        return self.cut_short(context) or "cancelled by the client"
+
+    def cut_short(self, context) -> str | None:
+        """Whether the deadline or the server's shutdown is stopping the call, as its log
+        line says it; None when neither is."""
         remaining = context.time_remaining()
         # The client cancels when the deadline passes, and its cancel may arrive a moment
         # before the server's own timer for the same deadline fires.
@@ -112,4 +159,4 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
             return "ended by its deadline"
         if self.shutting_down.is_set():
             return "cut by the server's shutdown"
-        return "cancelled by the client"
+        return None

@@ -6,7 +6,6 @@ callers without credentials has a small budget of its own, so they can never use
 authenticated callers need. See the README for the trust model.
 """
 
-import asyncio
 import contextlib
 import hmac
 from collections.abc import Iterator
@@ -14,21 +13,15 @@ from collections.abc import Iterator
 import grpc
 
 from caller import set_user_id
+from drain import until_the_client_stops_sending
 from interceptors import for_every_rpc_kind, wrap_handler
 
 TOKEN_VARIABLE = "GREETER_AUTH_TOKEN"
 MIN_TOKEN_LENGTH = 16
 MAX_USER_ID_LENGTH = 64
 # Before rejecting a client-streaming call, the server reads what the client is still
-# sending (see `rejecting_handler`), within these bounds: an unauthenticated caller gets
-# no more of the server than that.
-QUIET_SECONDS = 0.2  # no message for this long: the client is waiting for us
-# The quiet is counted in ticks of this length, each a wake-up of this process: one that was
-# stalled (busy, or not scheduled) longer than the quiet has still run only one tick, and
-# the message its client sent meanwhile is read in the next.
-QUIET_TICK_SECONDS = 0.05
-MAX_DRAIN_SECONDS = 2.0
-MAX_DRAIN_MESSAGES = 100
+# sending (see `rejecting_handler`), within the bounds of drain.py (step 03):
+# an unauthenticated caller gets no more of the server than that.
 # At most this many such drains at once: beyond it a call is rejected at once, and a
 # misbehaving client may then see INTERNAL instead of UNAUTHENTICATED (grpc/grpc#36066).
 MAX_DRAINING_REJECTIONS = 32
@@ -154,30 +147,6 @@ class ServerAuthenticator(grpc.aio.ServerInterceptor):
             return rejecting_handler(handler, str(rejection), self._draining)
         set_user_id(user_id)  # for the handler and the log line (caller.py)
         return handler
-
-
-async def until_the_client_stops_sending(request_iterator) -> None:
-    """Read and drop requests until the client half-closes or goes quiet (bounded)."""
-    requests = aiter(request_iterator)
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(MAX_DRAIN_SECONDS):
-            for _ in range(MAX_DRAIN_MESSAGES):
-                if not await another_request_arrives(requests):
-                    return  # half-closed, or quiet: the client now waits for a reply
-
-
-async def another_request_arrives(requests) -> bool:
-    """True when a request arrives; False when the client half-closes, or sends nothing for
-    QUIET_SECONDS counted in ticks of this process."""
-    read = asyncio.ensure_future(anext(requests, None))
-    try:
-        for _ in range(round(QUIET_SECONDS / QUIET_TICK_SECONDS)):
-            done, _ = await asyncio.wait({read}, timeout=QUIET_TICK_SECONDS)
-            if done:
-                return read.result() is not None
-        return False
-    finally:
-        read.cancel()
 
 
 def rejecting_handler(

@@ -2,6 +2,7 @@
 
     python client.py hello --name Ada [--target 127.0.0.1:50051] [--timeout 5]
     python client.py stream --name Ada [--count N]
+    python client.py many [--name NAME ...]        (without --name: one name per stdin line)
     python client.py chat [--message TEXT ...]     (without --message: one message per stdin line)
 
 Every call carries the token of GREETER_AUTH_TOKEN and the user id of --user-id, over TLS:
@@ -41,7 +42,7 @@ from tracing import ClientTracer, tracer_provider
 
 # Every call has a deadline: a client that waits forever for a stuck server is a bug.
 # Each command has its own default, since a stream takes longer than one reply.
-DEFAULT_TIMEOUT_SECONDS = {"hello": 5.0, "stream": 15.0, "chat": 300.0}
+DEFAULT_TIMEOUT_SECONDS = {"hello": 5.0, "stream": 15.0, "many": 300.0, "chat": 300.0}
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,15 @@ async def stdin_lines() -> AsyncIterator[str]:
 async def listed(messages: list[str]) -> AsyncIterator[str]:
     for message in messages:
         yield message
+
+
+async def many(stub: "greeter_pb2_grpc.GreeterAsyncStub", args: argparse.Namespace) -> None:
+    names = listed(args.name) if args.name else stdin_lines()
+    # grpc.aio sends each name as the iterator yields it (as you type it, from stdin); the
+    # one reply comes after the last, once the iterator ends and the client half-closes.
+    requests = (greeter_pb2.HelloRequest(name=name) async for name in names)
+    reply = await stub.GreetMany(requests, timeout=args.timeout)
+    print(reply.message)
 
 
 async def chat(stub: "greeter_pb2_grpc.GreeterAsyncStub", args: argparse.Namespace) -> None:
@@ -151,6 +161,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--count", type=int, default=0, help="how many replies (server default: 5)"
     )
     greetings.set_defaults(run=stream)
+    names = commands.add_parser("many", parents=[common], help="one GreetMany call")
+    names.add_argument(
+        "--name", action="append", help="a name to send (repeat it); default: read stdin"
+    )
+    names.set_defaults(run=many)
     conversation = commands.add_parser("chat", parents=[common], help="one Chat conversation")
     conversation.add_argument(
         "--message", action="append", help="a message to send (repeat it); default: read stdin"

@@ -34,12 +34,16 @@ RETRY_POLICY = {
 # exactly what retries are for), while a dependency that is down drains it within 50 calls.
 RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 0.1}
 
-# Methods safe to send twice. SayHello and StreamGreetings change nothing (the Logger entry is
-# idempotent by request id); a chat is a conversation, never replayed. The Logger's Record
+# Methods safe to send twice. SayHello, StreamGreetings and GreetMany change nothing (the
+# Logger entry is idempotent by request id); a chat is a conversation, never replayed. A
+# client stream can be retried because gRPC keeps what it sent, to send it again (up to
+# 256 KiB a call, `grpc.per_rpc_retry_buffer_size`; a call that sent more is not retried,
+# and GreetMany's 100 names of 100 characters are at most 40 KiB). The Logger's Record
 # stores a request id once, and ListRecent only reads.
 GREETER_RETRIED = [
     {"service": "greeter.v1.Greeter", "method": "SayHello"},
     {"service": "greeter.v1.Greeter", "method": "StreamGreetings"},
+    {"service": "greeter.v1.Greeter", "method": "GreetMany"},
 ]
 LOGGER_RETRIED = [{"service": "logger.v1.Logger"}]
 

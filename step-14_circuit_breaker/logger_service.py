@@ -16,12 +16,14 @@ from caller import calling_service, current_user_id
 from interceptors import current_trace_id
 from logger.v1 import logger_pb2, logger_pb2_grpc
 from propagation import current_request_id
-from service import MAX_CHAT_MESSAGES, name_problem
+from service import MAX_CHAT_MESSAGES, MAX_GREET_MANY_NAMES, name_problem
 
 MAX_METHOD_LENGTH = 64
+# The most names one greeting holds: a whole chat, or a whole GreetMany call.
+MAX_NAMES = max(MAX_CHAT_MESSAGES, MAX_GREET_MANY_NAMES)
 DEFAULT_LIST_LIMIT = 20
 MAX_LIST_LIMIT = 100
-# The largest Record a real caller sends: a chat of 100 names of 100 characters, each
+# The largest Record a real caller sends: MAX_NAMES names of 100 characters, each
 # character up to 4 bytes of UTF-8, plus the other fields. Bigger is refused unread.
 MAX_RECORD_BYTES = 64 * 1024
 # A ListRecent reply of 100 such entries is bigger than that: it may be up to this size.
@@ -30,8 +32,8 @@ MAX_REPLY_BYTES = MAX_LIST_LIMIT * MAX_RECORD_BYTES
 
 def greeting_problem(greeting: logger_pb2.Greeting) -> str | None:
     """Why `greeting` cannot be stored, in words a caller understands; None when it can."""
-    if not 1 <= len(greeting.names) <= MAX_CHAT_MESSAGES:
-        return f"names must hold 1 to {MAX_CHAT_MESSAGES} names (got {len(greeting.names)})"
+    if not 1 <= len(greeting.names) <= MAX_NAMES:
+        return f"names must hold 1 to {MAX_NAMES} names (got {len(greeting.names)})"
     for name in greeting.names:
         if problem := name_problem(name):
             return f"names: {problem}"

@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from drain import refuse_stream
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from interceptors import status_of
 from logger_client import GreetingLog
@@ -20,6 +21,11 @@ DEFAULT_STREAM_COUNT = 5
 MAX_STREAM_COUNT = 10
 # A chat is bounded as well: a client that needs more starts a new one.
 MAX_CHAT_MESSAGES = 100
+# So are the names one GreetMany call may send.
+MAX_GREET_MANY_NAMES = 100
+
+log = logging.getLogger("greeter.service")
+
 # How a call stopped before its end is logged, by the status it ended with.
 STOPPED_BY = {
     grpc.StatusCode.DEADLINE_EXCEEDED: "ended by its deadline",
@@ -58,6 +64,11 @@ async def require_valid_count(count: int, context: grpc.aio.ServicerContext) -> 
             f"0 or unset means {DEFAULT_STREAM_COUNT}",
         )
     return count
+
+
+def listed(names: list[str]) -> str:
+    """The names as a sentence says them: Ada; Ada and Grace; Ada, Grace and Alan."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 class Greeter(greeter_pb2_grpc.GreeterServicer):
@@ -105,6 +116,42 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
             if greeted:  # however the stream ended
                 await self.greeted([request.name], "StreamGreetings")
 
+    async def GreetMany(self, request_iterator, context):
+        # Each name is checked the moment it arrives: a bad one, or one too many, ends the
+        # call once the client stops sending (without keeping what it sends meanwhile). The
+        # one reply waits for the half-close.
+        names: list[str] = []
+        async for request in request_iterator:
+            if len(names) == MAX_GREET_MANY_NAMES:
+                await refuse_stream(
+                    request_iterator,
+                    context,
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"GreetMany takes at most {MAX_GREET_MANY_NAMES} names; "
+                    "greet the others in another call",
+                )
+            if (problem := name_problem(request.name)) is not None:
+                await refuse_stream(
+                    request_iterator, context, grpc.StatusCode.INVALID_ARGUMENT, problem
+                )
+            names.append(request.name)
+        # grpc.aio ends the stream the same way when the client half-closes, cancels or runs
+        # out of time, and when the server stops. The last two can be told apart here, and
+        # nobody waits for a reply then: the client already has its status.
+        if (reason := self.cut_short(context)) is not None:
+            log.info("GreetMany %s; names read: %d", reason, len(names))
+            raise asyncio.CancelledError
+        if not names:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "GreetMany needs at least one name; send one or more before closing the stream",
+            )
+        # A client that cancelled gets here too, as if it had half-closed: gRPC drops the
+        # reply (step 03's README, "How it works"). Greeted all the same, as a stream's reply
+        # handed to gRPC is: one entry with every name.
+        await self.greeted(names, "GreetMany")
+        return greeter_pb2.HelloReply(message=f"Hello, {listed(names)}!")
+
     async def Chat(self, request_iterator, context):
         # One reply per message, the moment it arrives: the loop never waits for the
         # client to finish sending. It ends when the client half-closes.
@@ -129,7 +176,12 @@ class Greeter(greeter_pb2_grpc.GreeterServicer):
                 await self.greeted(greeted, "Chat")
 
     def ended(self, context) -> str:
-        """Why a call was stopped before its end, as its log line says it: by the rule its
-        status is recorded with (`status_of`)."""
+        """Why a call was stopped before its end, as its log line says it."""
+        return self.cut_short(context) or "cancelled by the client"
+
+    def cut_short(self, context) -> str | None:
+        """Whether the deadline or the server's shutdown is stopping the call, as its log
+        line says it (by the rule its status is recorded with, `status_of`); None when
+        neither is."""
         code = status_of(context, asyncio.CancelledError(), self.shutting_down)
-        return STOPPED_BY.get(code, "cancelled by the client")
+        return STOPPED_BY.get(code)

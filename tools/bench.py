@@ -50,6 +50,7 @@ STREAMING_CONCURRENCY = 16
 METHODS = {
     "unary": "/greeter.v1.Greeter/SayHello",
     "stream": "/greeter.v1.Greeter/StreamGreetings",
+    "many": "/greeter.v1.Greeter/GreetMany",
     "chat": "/greeter.v1.Greeter/Chat",
 }
 # HelloRequest(name="Ada") and HelloRequest(name="Ada", count=10), encoded by hand: the load
@@ -57,6 +58,7 @@ METHODS = {
 REQUEST = b"\x0a\x03Ada"
 STREAM_REQUEST = REQUEST + b"\x10\x0a"
 CHAT_MESSAGES = 100  # a chat holds at most 100 messages: then the caller starts another
+MANY_NAMES = 10  # names in each GreetMany call
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -74,7 +76,7 @@ async def generate_load(args: argparse.Namespace) -> dict:
     metadata = (
         (("authorization", f"Bearer {args.token}"), ("x-user-id", "bench")) if args.token else ()
     )
-    latencies: list[float] = []  # unary: per call; stream and chat: per message
+    latencies: list[float] = []  # unary and many: per call; stream and chat: per message
     errors = 0
     started = time.monotonic()
     window = (started + args.warmup, started + args.warmup + args.seconds)
@@ -107,6 +109,11 @@ async def generate_load(args: argparse.Namespace) -> dict:
             measured(last)
             last = time.monotonic()
 
+    async def many(began: float) -> None:
+        names = iter([REQUEST] * MANY_NAMES)
+        await channel.stream_unary(METHODS["many"])(names, metadata=metadata, timeout=10)
+        measured(began)
+
     async def chat(began: float) -> None:
         call = channel.stream_stream(METHODS["chat"])(metadata=metadata, timeout=60)
         for _ in range(args.messages):
@@ -120,7 +127,7 @@ async def generate_load(args: argparse.Namespace) -> dict:
         if await call.code() != grpc.StatusCode.OK:
             raise grpc.aio.AioRpcError(await call.code(), None, None, await call.details())
 
-    one = {"unary": unary, "stream": stream, "chat": chat}[args.kind]
+    one = {"unary": unary, "stream": stream, "many": many, "chat": chat}[args.kind]
 
     def another() -> bool:
         nonlocal remaining
@@ -142,7 +149,7 @@ async def generate_load(args: argparse.Namespace) -> dict:
         await asyncio.gather(*clocked, *(caller() for _ in range(args.concurrency)))
     latencies.sort()
     return {
-        "calls": len(latencies),  # unary: calls; stream: messages; chat: round trips
+        "calls": len(latencies),  # unary, many: calls; stream: messages; chat: round trips
         "errors": errors,
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else None,
@@ -281,6 +288,7 @@ class Sample:
     p99_ms: float = 0.0
     cpu_us_per_call: float = 0.0
     stream_messages_per_second: float | None = None  # None: the variant has no such RPC
+    many_calls_per_second: float | None = None  # GreetMany calls of MANY_NAMES names
     chat_round_trips_per_second: float | None = None
     failed: int = 0
     peak_rss_mb: float = 0.0
@@ -290,7 +298,7 @@ def run_variant(
     start, first_step: int, seconds: float, warmup: float, unary_only: bool = False
 ) -> Sample:
     """Start a variant, measure it, stop it. `first_step`: the step it is (0: the bare
-    server), which says whether it has StreamGreetings (step 02 on) and Chat (03 on).
+    server), which says whether it has StreamGreetings (step 02 on), GreetMany and Chat (03 on).
     `unary_only`: SayHello from 16 callers, nothing else (a quicker round, so more rounds)."""
     sample = Sample()
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir, start(Path(workdir)) as running:
@@ -306,6 +314,9 @@ def run_variant(
             sample.stream_messages_per_second = result["per_second"]
             sample.failed += result["errors"]
         if first_step >= 3 and not unary_only:
+            result = measure(running, "many", STREAMING_CONCURRENCY, seconds, warmup)
+            sample.many_calls_per_second = result["per_second"]
+            sample.failed += result["errors"]
             result = measure(running, "chat", STREAMING_CONCURRENCY, seconds, warmup)
             sample.chat_round_trips_per_second = result["per_second"]
             sample.failed += result["errors"]
@@ -418,9 +429,9 @@ def table(samples: dict[str, list[Sample]]) -> str:
 
     lines = [
         "| variant | calls/s @16 | calls/s @64 | p50 / p99 ms @16 | CPU µs/call @16 "
-        "| × step 01 @16 | × bare @16 | stream msgs/s | chat round trips/s | peak RSS MB "
-        "| failed calls |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| × step 01 @16 | × bare @16 | stream msgs/s | GreetMany calls/s | chat round trips/s "
+        "| peak RSS MB | failed calls |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in samples.items():
         p50 = statistics.median(s.p50_ms for s in runs)
@@ -434,6 +445,7 @@ def table(samples: dict[str, list[Sample]]) -> str:
             f"{rate(name) / rate('01'):.2f}" if "01" in samples else "–",
             f"{rate(name) / rate('bare'):.2f}",
             spread(runs, lambda s: s.stream_messages_per_second),
+            spread(runs, lambda s: s.many_calls_per_second),
             spread(runs, lambda s: s.chat_round_trips_per_second),
             f"{statistics.median(s.peak_rss_mb for s in runs):.0f}",
             str(sum(s.failed for s in runs)),
@@ -576,7 +588,8 @@ def run_bench(args: argparse.Namespace, about: str, variants: dict) -> int:
         "`SayHello` from 16 concurrent callers only (`--unary-only`)."
         if args.unary_only
         else "`SayHello` from 16 and 64 concurrent callers; `StreamGreetings` (10 replies each, "
-        "no pause between them) and `Chat` (one message, one reply, then the next) from 16."
+        "no pause between them), `GreetMany` (10 names each) and `Chat` (one message, one "
+        "reply, then the next) from 16."
     )
     report = (
         f"# What each step costs per call\n\n"

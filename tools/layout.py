@@ -17,6 +17,7 @@ PURPOSE = {
     "service.py": "the Greeter servicer: each RPC, and the input it accepts",
     "settings.py": "every option of servers and client, declared once (flag, variable, default)",
     "venv_check.py": "the first import of each entry point: outside the virtual env, one line",
+    "drain.py": "refusing a client stream once the client stops sending (grpc/grpc#36066)",
     "protos/greeter/v1/greeter.proto": "the API: `greeter.v1.Greeter`",
     "interceptors.py": "generic helpers for interceptors of any RPC kind",
     "rpc_log.py": "one log line per RPC, on the server and on the client",

@@ -153,9 +153,11 @@ TOUR: dict[int, TourEntry] = {
     ),
     3: TourEntry(
         title="Bidirectional chat",
-        adds="both sides stream: Chat answers each message as it arrives, bounded and leak-free",
-        shows="Hello, Grace!",
+        adds="the client streams: GreetMany answers once for many names, Chat answers each "
+        "message as it arrives; both bounded and leak-free",
+        shows="Hello, Ada, Grace and Alan!",
         demos=(
+            demo("many", "--name", "Ada", "--name", "Grace", "--name", "Alan"),
             demo("chat", "--message", "Ada", "--message", "Grace"),
             demo("chat", "--message", "Ada", "--message", "", "--message", "Grace", fails=True),
         ),

@@ -239,7 +239,9 @@ def test_only_health_and_reflection_answer_without_a_token(server_process):
     ]
     assert protected == [GREETER_SERVICE]
     methods = grpcurl(server_process.address, "list", GREETER_SERVICE).stdout.split()
-    assert methods == [f"{GREETER_SERVICE}.{m}" for m in ("Chat", "SayHello", "StreamGreetings")]
+    assert methods == [
+        f"{GREETER_SERVICE}.{m}" for m in ("Chat", "GreetMany", "SayHello", "StreamGreetings")
+    ]
     for method in methods:
         service, name = method.rsplit(".", 1)
         result = grpcurl(server_process.address, f"{service}/{name}", data='{"name": "Ada"}')

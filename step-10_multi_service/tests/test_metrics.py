@@ -28,7 +28,7 @@ from helpers import (
     value,
 )
 from metrics import GO_DEFAULT_BUCKETS, MAX_REQUEST_BYTES
-from service import Greeter
+from service import MAX_GREET_MANY_NAMES, Greeter
 from settings import parse_settings
 from tests.support.helpers import closed_port, eventually, require_binary
 from tools.processes import StepServices, run_script
@@ -81,24 +81,29 @@ async def test_streams_and_chats_count_their_messages(start_server, greeter):
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         await messages(stub.StreamGreetings(Request(name="Ada", count=3), timeout=5))
+        names = [Request(name=name) for name in ("Ada", "Grace", "Alan", "Edsger")]
+        await stub.GreetMany(iter(names), timeout=5)
         chat = stub.Chat(timeout=5)
         for name in ("Ada", "Grace"):
             await say(chat, name)
         await chat.done_writing()
         assert await chat.read() is grpc.aio.EOF
     stream, bidi = rpc("server_stream", "StreamGreetings"), rpc("bidi_stream", "Chat")
+    many = rpc("client_stream", "GreetMany")
 
-    async def both_handled() -> bool:
+    async def all_handled() -> bool:
         samples = await scrape(server.metrics_address)
         return all(
             value(samples, "grpc_server_handled_total", **labels, grpc_code="OK") == 1
-            for labels in (stream, bidi)
+            for labels in (stream, many, bidi)
         )
 
-    await eventually(both_handled, message="the stream and the chat to be handled")
+    await eventually(all_handled, message="the stream, the GreetMany call and the chat handled")
     samples = await scrape(server.metrics_address)
     assert value(samples, "grpc_server_msg_received_total", **stream) == 1
     assert value(samples, "grpc_server_msg_sent_total", **stream) == 3
+    assert value(samples, "grpc_server_msg_received_total", **many) == 4
+    assert value(samples, "grpc_server_msg_sent_total", **many) == 1
     assert value(samples, "grpc_server_msg_received_total", **bidi) == 2
     assert value(samples, "grpc_server_msg_sent_total", **bidi) == 2
 
@@ -176,6 +181,7 @@ async def test_every_method_and_code_starts_at_zero(start_server):
     for kind, service, method in [
         ("unary", GREETER, "SayHello"),
         ("server_stream", GREETER, "StreamGreetings"),
+        ("client_stream", GREETER, "GreetMany"),
         ("bidi_stream", GREETER, "Chat"),
         ("unary", "grpc.health.v1.Health", "Check"),
         ("server_stream", "grpc.health.v1.Health", "Watch"),
@@ -329,11 +335,14 @@ async def count_every_outcome(server, prometheus) -> None:
         cancelled = stub.StreamGreetings(Request(name="Ada", count=10), timeout=10)
         await cancelled.read()
         cancelled.cancel()
+        too_many = iter([Request(name="Ada")] * (MAX_GREET_MANY_NAMES + 1))
+        await rpc_error(stub.GreetMany(too_many, timeout=5))
     expected = {
         ("SayHello", "unary", "OK"): 3,
         ("SayHello", "unary", "InvalidArgument"): 2,
         ("SayHello", "unary", "Unauthenticated"): 1,
         ("StreamGreetings", "server_stream", "Canceled"): 1,
+        ("GreetMany", "client_stream", "ResourceExhausted"): 1,
         # The Logger: one entry per greeting made (the cancelled stream had made one).
         ("Record", "unary", "OK"): 4,
     }

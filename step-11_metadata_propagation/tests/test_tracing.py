@@ -71,7 +71,7 @@ async def spans_of(receiver: OtlpReceiver, trace_id: str, count: int) -> dict:
     return {s.kind: s for s in greeter_hop(receiver, trace_id)}
 
 
-@pytest.mark.parametrize("method", ["SayHello", "StreamGreetings", "Chat"])
+@pytest.mark.parametrize("method", ["SayHello", "StreamGreetings", "GreetMany", "Chat"])
 async def test_one_trace_from_client_to_server(start_server, receiver, method):
     server = await start_server()
     async with traced_call(server.address) as (stub, trace_id):
@@ -79,6 +79,8 @@ async def test_one_trace_from_client_to_server(start_server, receiver, method):
             await stub.SayHello(Request(name="Ada"), timeout=5)
         elif method == "StreamGreetings":
             await messages(stub.StreamGreetings(Request(name="Ada", count=2), timeout=5))
+        elif method == "GreetMany":
+            await stub.GreetMany(iter([Request(name="Ada"), Request(name="Grace")]), timeout=5)
         else:
             chat = stub.Chat(timeout=5)
             await say(chat, "Ada")
@@ -147,10 +149,43 @@ class BrokenGreeter(Greeter):
         yield greeter_pb2.HelloReply(message="one")
         raise RuntimeError("a bug")
 
+    async def GreetMany(self, request_iterator, context):
+        async for _ in request_iterator:
+            raise RuntimeError("a bug")
+        return greeter_pb2.HelloReply(message="none")
+
     async def Chat(self, request_iterator, context):
         async for _ in request_iterator:
             raise RuntimeError("a bug")
         yield  # an async generator, like the real one
+
+
+class HeardGreeter(Greeter):
+    """The real Greeter; `heard` is set once GreetMany has read a name (a client stream the
+    server is reading, for the test to cancel), `ended` once its handler has ended."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.heard, self.ended = asyncio.Event(), asyncio.Event()
+
+    async def GreetMany(self, request_iterator, context):
+        async def names():
+            async for request in request_iterator:
+                self.heard.set()
+                yield request
+
+        try:
+            return await super().GreetMany(names(), context)
+        finally:
+            self.ended.set()
+
+
+async def one_name_then_silence():
+    """A client stream that sends a name, then nothing, and never half-closes. (An iterator,
+    not `call.write`: with the instrumentation library's client interceptors, `write` fails
+    with InvalidStateError.)"""
+    yield Request(name="Ada")
+    await asyncio.Event().wait()
 
 
 async def abort(stub, method):
@@ -158,6 +193,8 @@ async def abort(stub, method):
         await stub.SayHello(Request(name=""), timeout=5)
     elif method == "StreamGreetings":
         await messages(stub.StreamGreetings(Request(name=""), timeout=5))
+    elif method == "GreetMany":
+        await stub.GreetMany(iter([Request(name="Ada"), Request(name="")]), timeout=5)
     else:
         chat = stub.Chat(timeout=5)
         await chat.write(Request(name=""))
@@ -169,6 +206,8 @@ async def fail(stub, method):
         await stub.SayHello(Request(name="Ada"), timeout=5)
     elif method == "StreamGreetings":
         await messages(stub.StreamGreetings(Request(name="Ada"), timeout=5))
+    elif method == "GreetMany":
+        await stub.GreetMany(iter([Request(name="Ada")]), timeout=5)
     else:
         chat = stub.Chat(timeout=5)
         await chat.write(Request(name="Ada"))
@@ -180,6 +219,8 @@ async def run_past_the_deadline(stub, method):
         await stub.SayHello(Request(name="Ada"), timeout=0.3)
     elif method == "StreamGreetings":  # 10 replies 0.2 s apart do not fit in 0.3 s
         await messages(stub.StreamGreetings(Request(name="Ada", count=10), timeout=0.3))
+    elif method == "GreetMany":  # the client never half-closes
+        await stub.GreetMany(one_name_then_silence(), timeout=0.3)
     else:  # the client stops talking
         chat = stub.Chat(timeout=0.3)
         await chat.write(Request(name="Ada"))
@@ -194,6 +235,9 @@ async def cancel(stub, method, servicer=None):
     elif method == "StreamGreetings":
         call = stub.StreamGreetings(Request(name="Ada", count=10), timeout=10)
         await call.read()
+    elif method == "GreetMany":
+        call = stub.GreetMany(one_name_then_silence(), timeout=10)
+        await asyncio.wait_for(servicer.heard.wait(), 5)
     else:
         call = stub.Chat(timeout=10)
         await say(call, "Ada")
@@ -202,18 +246,14 @@ async def cancel(stub, method, servicer=None):
 
 
 # (method, outcome, servicer, code, server span status, client span status)
+METHODS = ("SayHello", "StreamGreetings", "GreetMany", "Chat")
 OUTCOMES = [
-    *[(m, abort, None, 3, "UNSET", "ERROR") for m in ("SayHello", "StreamGreetings", "Chat")],
-    *[
-        (m, fail, BrokenGreeter, 2, "ERROR", "ERROR")
-        for m in ("SayHello", "StreamGreetings", "Chat")
-    ],
-    *[
-        (m, run_past_the_deadline, GatedGreeter, 4, "ERROR", "ERROR")
-        for m in ("SayHello", "StreamGreetings", "Chat")
-    ],
+    *[(m, abort, None, 3, "UNSET", "ERROR") for m in METHODS],
+    *[(m, fail, BrokenGreeter, 2, "ERROR", "ERROR") for m in METHODS],
+    *[(m, run_past_the_deadline, GatedGreeter, 4, "ERROR", "ERROR") for m in METHODS],
     ("SayHello", cancel, GatedGreeter, 1, "UNSET", "ERROR"),
     ("StreamGreetings", cancel, None, 1, "UNSET", "ERROR"),
+    ("GreetMany", cancel, HeardGreeter, 1, "UNSET", "ERROR"),
     ("Chat", cancel, None, 1, "UNSET", "ERROR"),
 ]
 # The streams again, their replies written with context.write instead of yielded: tracing.py
@@ -226,7 +266,8 @@ WRITTEN_OUTCOMES = [
 # A chat cancelled while the server waits for its next message: grpc.aio ends the request
 # stream as if the client had half-closed, so the server records OK (step 04's README); or
 # CANCELLED, when the cancel reaches the handler while it reports the chat to the Logger.
-SERVER_SEES = {("Chat", "cancel"): {0, 1}}
+# A GreetMany call cancelled mid-stream likewise, its handler answering (step 03's README).
+SERVER_SEES = {("Chat", "cancel"): {0, 1}, ("GreetMany", "cancel"): {0, 1}}
 
 
 @pytest.mark.parametrize(
@@ -400,7 +441,8 @@ TWICE = ("exception", "exception")
 CANCELLED = ("UNSET", 0, ())  # the server's span of a cancelled call
 LIBRARY_RECORDS = {
     **{
-        ("SayHello", o): {(s, ("ERROR", c, ()))}
+        (m, o): {(s, ("ERROR", c, ()))}
+        for m in ("SayHello", "GreetMany")
         for o, s, c in [
             ("abort", ("UNSET", 3, TWICE), 3),
             ("fail", ("UNSET", 0, TWICE), 2),
@@ -453,10 +495,14 @@ async def traced_by_the_library(servicer):
             await server.stop(0)
 
 
+# A cancelled GreetMany call never ends on the server with the library's client (below).
+LIBRARY_OUTCOMES = [o for o in OUTCOMES if o[:2] != ("GreetMany", cancel)]
+
+
 @pytest.mark.parametrize(
     ("method", "outcome", "servicer", "code", "server_status", "client_status"),
-    OUTCOMES,
-    ids=[f"{m}-{o.__name__}" for m, o, *_ in OUTCOMES],
+    LIBRARY_OUTCOMES,
+    ids=[f"{m}-{o.__name__}" for m, o, *_ in LIBRARY_OUTCOMES],
 )
 async def test_the_instrumentation_library_records_what_the_readme_says(
     start_server, receiver, method, outcome, servicer, code, server_status, client_status
@@ -488,6 +534,24 @@ async def test_the_instrumentation_library_records_what_the_readme_says(
         for s in (spans.get("SERVER"), spans.get("CLIENT"))
     )
     assert recorded in LIBRARY_RECORDS[method, outcome.__name__]
+
+
+async def test_the_instrumentation_librarys_client_does_not_cancel_a_client_stream(
+    start_server, receiver
+):
+    """With the library's client interceptors, a cancelled GreetMany call is CANCELLED for
+    the client, but the cancel never reaches the server: its handler goes on waiting for
+    names (until the channel closes), and so does its span. tracing.py's client passes the
+    cancel on (test_every_outcome_is_recorded_right, GreetMany-cancel)."""
+    greeter = (await start_server(HeardGreeter)).servicer  # with its Logger, as above
+    async with traced_by_the_library(greeter) as (stub, _):
+        call = stub.GreetMany(one_name_then_silence(), timeout=10)
+        await asyncio.wait_for(greeter.heard.wait(), 5)
+        call.cancel()
+        assert await call.code() == grpc.StatusCode.CANCELLED
+        # A call after the cancel has made its whole round trip; the handler still waits.
+        assert (await stub.SayHello(Request(name="Ada"), timeout=5)).message == "Hello, Ada!"
+        assert not greeter.ended.is_set()
 
 
 @pytest.mark.parametrize("method", ["StreamGreetings", "Chat"])

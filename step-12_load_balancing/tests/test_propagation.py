@@ -44,6 +44,9 @@ async def greet(stub, method: str, metadata) -> grpc.aio.Call:
     elif method == "StreamGreetings":
         call = stub.StreamGreetings(Request(name="Ada", count=2), metadata=metadata, timeout=5)
         await messages(call)
+    elif method == "GreetMany":
+        call = stub.GreetMany(iter([Request(name="Ada")]), metadata=metadata, timeout=5)
+        await call
     else:
         call = stub.Chat(metadata=metadata, timeout=5)
         await say(call, "Ada")
@@ -59,7 +62,7 @@ def request_id_returned(initial_metadata) -> str:
 @pytest.mark.parametrize(
     "sent", [None, "req-4f1c.2026:a_b", "r" * 64], ids=["generated", "the-callers", "longest"]
 )
-@pytest.mark.parametrize("method", ["SayHello", "StreamGreetings", "Chat"])
+@pytest.mark.parametrize("method", ["SayHello", "StreamGreetings", "GreetMany", "Chat"])
 async def test_the_logger_sees_the_user_and_the_request_the_greeter_saw(
     start_server, caplog, method, sent
 ):
@@ -126,18 +129,18 @@ async def test_a_rejected_call_still_gets_its_request_id(start_server):
 
 
 async def test_concurrent_calls_never_see_each_others_metadata(start_server):
-    """100 calls at once, each with its own user and request id, all three kinds mixed: each
+    """100 calls at once, each with its own user and request id, all four kinds mixed: each
     entry at the Logger carries the pair its call sent."""
     # 100 reports at once to a Logger in the same process: on a busy machine some would take
     # more than the default Logger timeout (0.5 s) and be given up. This test is about
     # metadata, not about a slow Logger, so the Logger gets all the time it needs.
     server = await start_server(stream_interval=FAST_STREAM_INTERVAL, logger_timeout=10.0)
-    methods = ["SayHello", "StreamGreetings", "Chat"]
+    methods = ["SayHello", "StreamGreetings", "GreetMany", "Chat"]
     async with raw_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         await asyncio.gather(
             *(
-                greet(stub, methods[n % 3], credentials(f"user-{n}", f"request-{n}"))
+                greet(stub, methods[n % len(methods)], credentials(f"user-{n}", f"request-{n}"))
                 for n in range(100)
             )
         )

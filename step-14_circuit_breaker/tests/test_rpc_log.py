@@ -48,6 +48,20 @@ async def stream_cancelled_by_client(stub):
     assert await call.code() == grpc.StatusCode.CANCELLED
 
 
+async def greet_many_ok(stub):
+    await stub.GreetMany(iter([Request(name="Ada"), Request(name="Grace")]), timeout=5)
+
+
+async def greet_many_invalid(stub):
+    await rpc_error(stub.GreetMany(iter([Request(name="Ada"), Request(name="")]), timeout=5))
+
+
+async def greet_many_past_its_deadline(stub):
+    call = stub.GreetMany(timeout=0.5)
+    await call.write(Request(name="Ada"))
+    assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # the client stops writing
+
+
 async def chat_ok(stub):
     call = stub.Chat(timeout=5)
     await say(call, "Ada")
@@ -73,6 +87,9 @@ RPC_OUTCOMES = [
     (stream_ok, "StreamGreetings", "OK"),
     (stream_invalid, "StreamGreetings", "INVALID_ARGUMENT"),
     (stream_cancelled_by_client, "StreamGreetings", "CANCELLED"),
+    (greet_many_ok, "GreetMany", "OK"),
+    (greet_many_invalid, "GreetMany", "INVALID_ARGUMENT"),
+    (greet_many_past_its_deadline, "GreetMany", "DEADLINE_EXCEEDED"),
     (chat_ok, "Chat", "OK"),
     (chat_invalid, "Chat", "INVALID_ARGUMENT"),
     (chat_past_its_deadline, "Chat", "DEADLINE_EXCEEDED"),

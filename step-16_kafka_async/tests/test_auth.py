@@ -9,6 +9,7 @@ import pytest
 
 from auth import MAX_USER_ID_LENGTH
 from caller import current_user_id
+from drain import MAX_DRAIN_SECONDS
 from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from helpers import (
     STEP_DIR,
@@ -43,6 +44,9 @@ async def call_with(channel, method: str, metadata) -> str:
                 stub.StreamGreetings(Request(name="Ada", count=1), metadata=metadata, timeout=5)
             )
         )[0]
+    if method == "GreetMany":
+        names = iter([Request(name="Ada")])
+        return (await stub.GreetMany(names, metadata=metadata, timeout=5)).message
     call = stub.Chat(metadata=metadata, timeout=5)
     reply = await say(call, "Ada")
     await call.done_writing()
@@ -50,7 +54,7 @@ async def call_with(channel, method: str, metadata) -> str:
     return reply
 
 
-METHODS = ["SayHello", "StreamGreetings", "Chat"]
+METHODS = ["SayHello", "StreamGreetings", "GreetMany", "Chat"]
 
 
 USER = ("x-user-id", TEST_USER)
@@ -172,6 +176,44 @@ async def test_chat_rejection_is_always_unauthenticated(server_address, client):
     a rejection sent at once does so for most eager clients. Ours waits until the client
     stops writing. 100 rejections per client style show it."""
     assert await rejection_outcomes(server_address, client, 100) == {"UNAUTHENTICATED": 100}
+
+
+async def greet_many_eager(stub):
+    """Send 50 names and half-close: the client stream's usual way."""
+    await stub.GreetMany(iter([Request(name="Ada")] * 50), timeout=5)
+
+
+async def greet_many_writes(stub):
+    """Write 20 names, half-close, then wait for the one reply."""
+    call = stub.GreetMany(timeout=5)
+    for _ in range(20):
+        await call.write(Request(name="Ada"))
+    await call.done_writing()
+    await call
+
+
+@pytest.mark.parametrize("client", [greet_many_eager, greet_many_writes], ids=lambda c: c.__name__)
+async def test_client_stream_rejection_is_always_unauthenticated(server_address, client):
+    """GreetMany streams requests as Chat does, and is rejected the same way: once the
+    client has stopped writing (grpc/grpc#36066)."""
+    assert await rejection_outcomes(server_address, client, 100) == {"UNAUTHENTICATED": 100}
+
+
+async def test_an_endless_client_stream_without_a_token_is_rejected_before_its_deadline(
+    server_address,
+):
+    """A caller without credentials that never stops sending is not read to its end: the
+    server reads at most MAX_DRAIN_MESSAGES, for at most MAX_DRAIN_SECONDS, then rejects it
+    (while it writes, so grpc.aio may report INTERNAL, grpc/grpc#36066)."""
+
+    async def endless():
+        while True:
+            yield Request(name="Ada")
+
+    async with open_channel(server_address, token=None) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        error = await rpc_error(stub.GreetMany(endless(), timeout=MAX_DRAIN_SECONDS * 3))
+    assert error.code() in {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INTERNAL}
 
 
 async def test_a_client_waiting_for_a_reply_is_rejected_after_the_quiet_not_the_drain_limit(

@@ -141,6 +141,19 @@ async def test_a_greeting_publishes_its_event_with_key_request_id_and_trace(
     assert await metric(logger.metrics_address, "logger_events_processed_total") == 1
 
 
+async def test_a_greet_many_call_publishes_one_event_with_every_name(
+    memory_broker, start_server, start_logger
+):
+    greeter, _ = await start_pair(start_server, start_logger, memory_broker)
+    names = iter([Request(name="Ada"), Request(name="Grace")])
+    async with open_channel(greeter.address) as channel:
+        await greeter_pb2_grpc.GreeterStub(channel).GreetMany(names, timeout=5)
+    await wait_until_published(greeter, 1)
+    [record] = await read_topic(memory_broker.bootstrap, 1)
+    event = events_pb2.GreetedEvent.FromString(record.value)
+    assert (list(event.names), event.method) == (["Ada", "Grace"], "GreetMany")
+
+
 async def test_a_broker_that_is_down_costs_no_greeting_and_loses_no_event(
     broker, start_server, start_logger
 ):

@@ -90,6 +90,10 @@ async def test_every_greeting_reaches_the_logger_with_its_fields(start_server):
         with contextlib.suppress(grpc.aio.AioRpcError):
             await stub.SayHello(Request(name=""), timeout=5)  # refused: not a greeting
         await messages(stub.StreamGreetings(Request(name="Grace", count=2), timeout=5))
+        names = iter([Request(name="Barbara"), Request(name="Donald")])
+        await stub.GreetMany(names, timeout=5)
+        with contextlib.suppress(grpc.aio.AioRpcError):  # refused at its second name
+            await stub.GreetMany(iter([Request(name="Ada"), Request(name="")]), timeout=5)
         chat = stub.Chat(timeout=5)
         assert [await say(chat, name) for name in ("Alan", "Edsger")]
         await chat.done_writing()
@@ -98,6 +102,7 @@ async def test_every_greeting_reaches_the_logger_with_its_fields(start_server):
     assert [(list(e.greeting.names), e.greeting.method) for e in entries] == [
         (["Ada"], "SayHello"),
         (["Grace"], "StreamGreetings"),
+        (["Barbara", "Donald"], "GreetMany"),  # one entry for the call, with every name
         (["Alan", "Edsger"], "Chat"),
     ]
     for entry in entries:

@@ -366,6 +366,34 @@ async def test_a_logger_replica_killed_under_load_loses_no_greeting_and_no_entry
         assert retried == results["ok"]
 
 
+class GreeterUnavailableOnce(Greeter):
+    """GreetMany reads every name of its first call, then answers UNAVAILABLE."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.calls = 0
+
+    async def GreetMany(self, request_iterator, context):
+        self.calls += 1
+        if self.calls == 1:
+            async for _ in request_iterator:
+                pass
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "not now")
+        return await super().GreetMany(request_iterator, context)
+
+
+async def test_a_client_stream_is_retried_with_every_message_it_sent(start_server):
+    """gRPC keeps the messages of a client stream to send them again: the retried call
+    carries all three names, though the iterator that made them has ended."""
+    server = await start_server(GreeterUnavailableOnce)
+    options = channel_options(server.address, retried=retries.GREETER_RETRIED)
+    async with open_channel(server.address, options=options) as channel:
+        names = iter([Request(name=name) for name in ("Ada", "Grace", "Alan")])
+        reply = await greeter_pb2_grpc.GreeterStub(channel).GreetMany(names, timeout=5)
+    assert reply.message == "Hello, Ada, Grace and Alan!"
+    assert server.servicer.calls == 2
+
+
 def test_the_retry_policy_is_the_one_the_readme_documents():
     """What the channel is told (gRFC A6): read literally, since its backoffs are random and
     only a timing assertion could see a changed multiplier."""

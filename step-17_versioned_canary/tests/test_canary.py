@@ -226,6 +226,21 @@ async def test_v2_calls_reach_only_the_canary(envoy_channel):
     assert counts == {CANARY: 50}
 
 
+async def test_client_streams_are_routed_as_every_other_call(envoy_channel):
+    """Envoy routes by path, whatever the RPC kind: a v1 GreetMany call with the canary
+    header, and a v2 one, reach the canary with every name they sent."""
+    names = iter([Request(name="Ada"), Request(name="Grace")])
+    v1_call = greeter_pb2_grpc.GreeterStub(envoy_channel).GreetMany(
+        names, metadata=(("x-canary", "always"),), timeout=10
+    )
+    assert (await v1_call).message == "Hello, Ada and Grace!"
+    assert served_by(await v1_call.trailing_metadata()) == CANARY
+    people = iter([v2.GreetManyRequest(person=v2.Person(given_name="Ada"))])
+    v2_call = v2_grpc.GreeterServiceStub(envoy_channel).GreetMany(people, timeout=10)
+    assert (await v2_call).message == "Hello, Ada!"
+    assert served_by(await v2_call.trailing_metadata()) == CANARY
+
+
 @pytest.mark.parametrize("releases", [CANARY_DRAIN_DELAY], indirect=True, ids=["draining"])
 async def test_a_canary_that_stops_serving_costs_no_v1_call(releases, envoy_channel):
     """SIGTERM to the canary, as a rollback or a rolling update does: it reports NOT_SERVING

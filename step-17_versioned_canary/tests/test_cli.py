@@ -61,6 +61,39 @@ def test_client_reports_a_stream_error_in_one_line(server_process):
     assert result.stderr.count("\n") == 1
 
 
+def test_client_greets_many_names_in_one_reply(server_process):
+    result = run_client(
+        "many",
+        "--name",
+        "Ada",
+        "--name",
+        "Grace",
+        "--name",
+        "Alan",
+        "--target",
+        server_process.address,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0,
+        "Hello, Ada, Grace and Alan!\n",
+        "",
+    )
+
+
+def test_client_sends_many_names_line_by_line_from_stdin(server_process):
+    result = run_client("many", "--target", server_process.address, input="Ada\n\nGrace\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada and Grace!\n", "")
+
+
+def test_client_reports_a_refused_name_of_many_in_one_line(server_process):
+    names = ["Ada", "", *[f"guest {number}" for number in range(50)]]
+    result = run_client(
+        "many", *[f"--name={name}" for name in names], "--target", server_process.address
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
+
+
 def test_client_chats_with_each_message_option(server_process):
     result = run_client(
         "chat", "--message", "Ada", "--message", "Grace", "--target", server_process.address

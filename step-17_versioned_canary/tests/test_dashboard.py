@@ -27,7 +27,8 @@ GRAFANA = DEPLOY / "grafana"
 GREETER, LOGGER = "greeter.v1.Greeter", "logger.v1.Logger"
 # What the calls below do, and so what the panels must show.
 OK_GREETINGS, REFUSED_NAMES, STREAMED, CHATTED = 6, 2, 3, 2
-REPORTED = OK_GREETINGS + 2  # and the stream's and the chat's; a refused name is no greeting
+GREETED_AT_ONCE = ("Ada", "Grace", "Alan", "Edsger")  # by one GreetMany call
+REPORTED = OK_GREETINGS + 3  # the stream's, the GreetMany call's, the chat's; not a refused name
 HUNG_GREETINGS = 3  # while the Logger hangs: 2 failed reports open the breaker, 1 is skipped
 BREAKER_FAILURES = 2
 
@@ -61,6 +62,7 @@ async def make_known_calls(address: str, logger) -> None:
         for _ in range(REFUSED_NAMES):
             await rpc_error(stub.SayHello(Request(name=""), timeout=5))
         assert len(await messages(stub.StreamGreetings(Request(name="Ada", count=STREAMED)))) == 3
+        await stub.GreetMany(iter([Request(name=n) for n in GREETED_AT_ONCE]), timeout=5)
         chat = stub.Chat(timeout=5)
         for name in ("Ada", "Grace")[:CHATTED]:
             await say(chat, name)
@@ -224,6 +226,7 @@ def test_no_call_is_in_flight_once_all_have_finished(observed):
     assert {k: v for k, v in in_flight.items() if k != "A answered"} == {
         "SayHello": 0,
         "StreamGreetings": 0,
+        "GreetMany": 0,
         "Chat": 0,
     }
 
@@ -232,6 +235,8 @@ def test_messages_per_stream_are_what_the_stream_and_the_chat_carried(observed):
     per_stream = observed.greeter["Messages per stream"]
     assert exactly(per_stream["StreamGreetings sent"], STREAMED)
     assert exactly(per_stream["StreamGreetings received"], 1)
+    assert exactly(per_stream["GreetMany sent"], 1)
+    assert exactly(per_stream["GreetMany received"], len(GREETED_AT_ONCE))
     assert exactly(per_stream["Chat sent"], CHATTED)
     assert exactly(per_stream["Chat received"], CHATTED)
 

@@ -252,7 +252,9 @@ def test_only_health_and_reflection_answer_without_a_token(server_process):
     assert protected == [GREETER_SERVICE, GREETER_V2_SERVICE]
     for service in protected:
         methods = grpcurl(server_process.address, "list", service).stdout.split()
-        assert methods == [f"{service}.{m}" for m in ("Chat", "SayHello", "StreamGreetings")]
+        assert methods == [
+            f"{service}.{m}" for m in ("Chat", "GreetMany", "SayHello", "StreamGreetings")
+        ]
         for method in methods:
             name = method.rsplit(".", 1)[1]
             result = grpcurl(server_process.address, f"{service}/{name}", data="{}")

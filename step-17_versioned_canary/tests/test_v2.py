@@ -25,6 +25,7 @@ from tests.support.helpers import eventually
 from tools.processes import run_script
 
 ADA = v2.Person(given_name="Ada", family_name="Lovelace")
+GRACE = v2.Person(given_name="Grace", family_name="Hopper")
 
 
 @pytest.fixture
@@ -85,6 +86,25 @@ async def test_v2_streams_and_chats_as_v1_does(v2_stub):
         await messages(bad_chat)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details() == "person.given_name must not be empty"
+
+
+async def test_v2_greets_many_people_as_v1_does(v2_stub):
+    people = [v2.GreetManyRequest(person=ADA), v2.GreetManyRequest(person=GRACE)]
+    reply = await v2_stub.GreetMany(iter(people), timeout=5)
+    assert reply.message == "Hello, Ada Lovelace and Grace Hopper!"
+    # A person without a given name ends the call, once the client has stopped sending
+    # (drain.py), though 50 more people follow it.
+    refused = [v2.GreetManyRequest(person=ADA), v2.GreetManyRequest(), *people * 25]
+    error = await rpc_error(v2_stub.GreetMany(iter(refused), timeout=5))
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "person.given_name must not be empty",
+    )
+    too_long = v2.Person(given_name="x" * 101)
+    error = await rpc_error(
+        v2_stub.GreetMany(iter([v2.GreetManyRequest(person=too_long)]), timeout=5)
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # v1's own checks apply too
 
 
 async def test_v2_greetings_reach_the_audit_log_as_v1_ones_do(greeter, v2_stub):

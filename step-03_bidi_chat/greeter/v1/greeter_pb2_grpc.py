@@ -45,6 +45,11 @@ class GreeterStub:
                 request_serializer=greeter_dot_v1_dot_greeter__pb2.HelloRequest.SerializeToString,
                 response_deserializer=greeter_dot_v1_dot_greeter__pb2.HelloReply.FromString,
                 _registered_method=True)
+        self.GreetMany = channel.stream_unary(
+                '/greeter.v1.Greeter/GreetMany',
+                request_serializer=greeter_dot_v1_dot_greeter__pb2.HelloRequest.SerializeToString,
+                response_deserializer=greeter_dot_v1_dot_greeter__pb2.HelloReply.FromString,
+                _registered_method=True)
         self.Chat = channel.stream_stream(
                 '/greeter.v1.Greeter/Chat',
                 request_serializer=greeter_dot_v1_dot_greeter__pb2.HelloRequest.SerializeToString,
@@ -71,6 +76,14 @@ class GreeterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GreetMany(self, request_iterator, context):
+        """GreetMany reads a stream of names and answers once, after the client half-closes (a
+        client-streaming RPC): "Hello, Ada, Grace and Alan!". It takes 1 to 100 names.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Chat(self, request_iterator, context):
         """Chat answers each message as it arrives (a bidirectional-streaming RPC). It ends when
         the client half-closes, and holds at most 100 messages.
@@ -89,6 +102,11 @@ def add_GreeterServicer_to_server(servicer, server):
             ),
             'StreamGreetings': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamGreetings,
+                    request_deserializer=greeter_dot_v1_dot_greeter__pb2.HelloRequest.FromString,
+                    response_serializer=greeter_dot_v1_dot_greeter__pb2.HelloReply.SerializeToString,
+            ),
+            'GreetMany': grpc.stream_unary_rpc_method_handler(
+                    servicer.GreetMany,
                     request_deserializer=greeter_dot_v1_dot_greeter__pb2.HelloRequest.FromString,
                     response_serializer=greeter_dot_v1_dot_greeter__pb2.HelloReply.SerializeToString,
             ),
@@ -151,6 +169,33 @@ class Greeter:
             request,
             target,
             '/greeter.v1.Greeter/StreamGreetings',
+            greeter_dot_v1_dot_greeter__pb2.HelloRequest.SerializeToString,
+            greeter_dot_v1_dot_greeter__pb2.HelloReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GreetMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/greeter.v1.Greeter/GreetMany',
             greeter_dot_v1_dot_greeter__pb2.HelloRequest.SerializeToString,
             greeter_dot_v1_dot_greeter__pb2.HelloReply.FromString,
             options,

@@ -42,6 +42,10 @@ class GreeterStub:
     """StreamGreetings answers one request with `count` replies spread over time (a
     server-streaming RPC). The stream ends early if the client cancels it.
     """
+    GreetMany: _grpc.StreamUnaryMultiCallable[_greeter_pb2.HelloRequest, _greeter_pb2.HelloReply]
+    """GreetMany reads a stream of names and answers once, after the client half-closes (a
+    client-streaming RPC): "Hello, Ada, Grace and Alan!". It takes 1 to 100 names.
+    """
     Chat: _grpc.StreamStreamMultiCallable[_greeter_pb2.HelloRequest, _greeter_pb2.HelloReply]
     """Chat answers each message as it arrives (a bidirectional-streaming RPC). It ends when
     the client half-closes, and holds at most 100 messages.
@@ -57,6 +61,10 @@ class GreeterAsyncStub(GreeterStub):
     StreamGreetings: _aio.UnaryStreamMultiCallable[_greeter_pb2.HelloRequest, _greeter_pb2.HelloReply]  # type: ignore[assignment]
     """StreamGreetings answers one request with `count` replies spread over time (a
     server-streaming RPC). The stream ends early if the client cancels it.
+    """
+    GreetMany: _aio.StreamUnaryMultiCallable[_greeter_pb2.HelloRequest, _greeter_pb2.HelloReply]  # type: ignore[assignment]
+    """GreetMany reads a stream of names and answers once, after the client half-closes (a
+    client-streaming RPC): "Hello, Ada, Grace and Alan!". It takes 1 to 100 names.
     """
     Chat: _aio.StreamStreamMultiCallable[_greeter_pb2.HelloRequest, _greeter_pb2.HelloReply]  # type: ignore[assignment]
     """Chat answers each message as it arrives (a bidirectional-streaming RPC). It ends when
@@ -82,6 +90,16 @@ class GreeterServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_greeter_pb2.HelloReply], _abc.AsyncIterator[_greeter_pb2.HelloReply]]:
         """StreamGreetings answers one request with `count` replies spread over time (a
         server-streaming RPC). The stream ends early if the client cancels it.
+        """
+
+    @_abc_1.abstractmethod
+    def GreetMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_greeter_pb2.HelloRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_greeter_pb2.HelloReply, _abc.Awaitable[_greeter_pb2.HelloReply]]:
+        """GreetMany reads a stream of names and answers once, after the client half-closes (a
+        client-streaming RPC): "Hello, Ada, Grace and Alan!". It takes 1 to 100 names.
         """
 
     @_abc_1.abstractmethod

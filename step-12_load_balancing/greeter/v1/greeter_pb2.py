@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18greeter/v1/greeter.proto\x12\ngreeter.v1\"+\n\x0cHelloRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\x1d\n\nHelloReply\x12\x0f\n\x07message\x18\x01 \x01(\t2\xcc\x01\n\x07Greeter\x12<\n\x08SayHello\x12\x18.greeter.v1.HelloRequest\x1a\x16.greeter.v1.HelloReply\x12\x45\n\x0fStreamGreetings\x12\x18.greeter.v1.HelloRequest\x1a\x16.greeter.v1.HelloReply0\x01\x12<\n\x04\x43hat\x12\x18.greeter.v1.HelloRequest\x1a\x16.greeter.v1.HelloReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18greeter/v1/greeter.proto\x12\ngreeter.v1\"+\n\x0cHelloRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"\x1d\n\nHelloReply\x12\x0f\n\x07message\x18\x01 \x01(\t2\x8d\x02\n\x07Greeter\x12<\n\x08SayHello\x12\x18.greeter.v1.HelloRequest\x1a\x16.greeter.v1.HelloReply\x12\x45\n\x0fStreamGreetings\x12\x18.greeter.v1.HelloRequest\x1a\x16.greeter.v1.HelloReply0\x01\x12?\n\tGreetMany\x12\x18.greeter.v1.HelloRequest\x1a\x16.greeter.v1.HelloReply(\x01\x12<\n\x04\x43hat\x12\x18.greeter.v1.HelloRequest\x1a\x16.greeter.v1.HelloReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,5 +36,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLOREPLY']._serialized_start=85
   _globals['_HELLOREPLY']._serialized_end=114
   _globals['_GREETER']._serialized_start=117
-  _globals['_GREETER']._serialized_end=321
+  _globals['_GREETER']._serialized_end=386
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18greeter/v2/greeter.proto\x12\ngreeter.v2\"1\n\x06Person\x12\x12\n\ngiven_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x02 \x01(\t\"5\n\x0fSayHelloRequest\x12\"\n\x06person\x18\x01 \x01(\x0b\x32\x12.greeter.v2.Person\"#\n\x10SayHelloResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"K\n\x16StreamGreetingsRequest\x12\"\n\x06person\x18\x01 \x01(\x0b\x32\x12.greeter.v2.Person\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"*\n\x17StreamGreetingsResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"1\n\x0b\x43hatRequest\x12\"\n\x06person\x18\x01 \x01(\x0b\x32\x12.greeter.v2.Person\"\x1f\n\x0c\x43hatResponse\x12\x0f\n\x07message\x18\x01 \x01(\t2\xf4\x01\n\x0eGreeterService\x12\x45\n\x08SayHello\x12\x1b.greeter.v2.SayHelloRequest\x1a\x1c.greeter.v2.SayHelloResponse\x12\\\n\x0fStreamGreetings\x12\".greeter.v2.StreamGreetingsRequest\x1a#.greeter.v2.StreamGreetingsResponse0\x01\x12=\n\x04\x43hat\x12\x17.greeter.v2.ChatRequest\x1a\x18.greeter.v2.ChatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18greeter/v2/greeter.proto\x12\ngreeter.v2\"1\n\x06Person\x12\x12\n\ngiven_name\x18\x01 \x01(\t\x12\x13\n\x0b\x66\x61mily_name\x18\x02 \x01(\t\"5\n\x0fSayHelloRequest\x12\"\n\x06person\x18\x01 \x01(\x0b\x32\x12.greeter.v2.Person\"#\n\x10SayHelloResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"K\n\x16StreamGreetingsRequest\x12\"\n\x06person\x18\x01 \x01(\x0b\x32\x12.greeter.v2.Person\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\"*\n\x17StreamGreetingsResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"6\n\x10GreetManyRequest\x12\"\n\x06person\x18\x01 \x01(\x0b\x32\x12.greeter.v2.Person\"$\n\x11GreetManyResponse\x12\x0f\n\x07message\x18\x01 \x01(\t\"1\n\x0b\x43hatRequest\x12\"\n\x06person\x18\x01 \x01(\x0b\x32\x12.greeter.v2.Person\"\x1f\n\x0c\x43hatResponse\x12\x0f\n\x07message\x18\x01 \x01(\t2\xc0\x02\n\x0eGreeterService\x12\x45\n\x08SayHello\x12\x1b.greeter.v2.SayHelloRequest\x1a\x1c.greeter.v2.SayHelloResponse\x12\\\n\x0fStreamGreetings\x12\".greeter.v2.StreamGreetingsRequest\x1a#.greeter.v2.StreamGreetingsResponse0\x01\x12J\n\tGreetMany\x12\x1c.greeter.v2.GreetManyRequest\x1a\x1d.greeter.v2.GreetManyResponse(\x01\x12=\n\x04\x43hat\x12\x17.greeter.v2.ChatRequest\x1a\x18.greeter.v2.ChatResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,10 +41,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMGREETINGSREQUEST']._serialized_end=258
   _globals['_STREAMGREETINGSRESPONSE']._serialized_start=260
   _globals['_STREAMGREETINGSRESPONSE']._serialized_end=302
-  _globals['_CHATREQUEST']._serialized_start=304
-  _globals['_CHATREQUEST']._serialized_end=353
-  _globals['_CHATRESPONSE']._serialized_start=355
-  _globals['_CHATRESPONSE']._serialized_end=386
-  _globals['_GREETERSERVICE']._serialized_start=389
-  _globals['_GREETERSERVICE']._serialized_end=633
+  _globals['_GREETMANYREQUEST']._serialized_start=304
+  _globals['_GREETMANYREQUEST']._serialized_end=358
+  _globals['_GREETMANYRESPONSE']._serialized_start=360
+  _globals['_GREETMANYRESPONSE']._serialized_end=396
+  _globals['_CHATREQUEST']._serialized_start=398
+  _globals['_CHATREQUEST']._serialized_end=447
+  _globals['_CHATRESPONSE']._serialized_start=449
+  _globals['_CHATRESPONSE']._serialized_end=480
+  _globals['_GREETERSERVICE']._serialized_start=483
+  _globals['_GREETERSERVICE']._serialized_end=803
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,11 @@ class GreeterServiceStub:
                 request_serializer=greeter_dot_v2_dot_greeter__pb2.StreamGreetingsRequest.SerializeToString,
                 response_deserializer=greeter_dot_v2_dot_greeter__pb2.StreamGreetingsResponse.FromString,
                 _registered_method=True)
+        self.GreetMany = channel.stream_unary(
+                '/greeter.v2.GreeterService/GreetMany',
+                request_serializer=greeter_dot_v2_dot_greeter__pb2.GreetManyRequest.SerializeToString,
+                response_deserializer=greeter_dot_v2_dot_greeter__pb2.GreetManyResponse.FromString,
+                _registered_method=True)
         self.Chat = channel.stream_stream(
                 '/greeter.v2.GreeterService/Chat',
                 request_serializer=greeter_dot_v2_dot_greeter__pb2.ChatRequest.SerializeToString,
@@ -70,6 +75,13 @@ class GreeterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GreetMany(self, request_iterator, context):
+        """GreetMany reads 1 to 100 people and answers once, after the client half-closes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Chat(self, request_iterator, context):
         """Chat answers each message as it arrives, and holds at most 100 messages.
         """
@@ -89,6 +101,11 @@ def add_GreeterServiceServicer_to_server(servicer, server):
                     servicer.StreamGreetings,
                     request_deserializer=greeter_dot_v2_dot_greeter__pb2.StreamGreetingsRequest.FromString,
                     response_serializer=greeter_dot_v2_dot_greeter__pb2.StreamGreetingsResponse.SerializeToString,
+            ),
+            'GreetMany': grpc.stream_unary_rpc_method_handler(
+                    servicer.GreetMany,
+                    request_deserializer=greeter_dot_v2_dot_greeter__pb2.GreetManyRequest.FromString,
+                    response_serializer=greeter_dot_v2_dot_greeter__pb2.GreetManyResponse.SerializeToString,
             ),
             'Chat': grpc.stream_stream_rpc_method_handler(
                     servicer.Chat,
@@ -151,6 +168,33 @@ class GreeterService:
             '/greeter.v2.GreeterService/StreamGreetings',
             greeter_dot_v2_dot_greeter__pb2.StreamGreetingsRequest.SerializeToString,
             greeter_dot_v2_dot_greeter__pb2.StreamGreetingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GreetMany(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/greeter.v2.GreeterService/GreetMany',
+            greeter_dot_v2_dot_greeter__pb2.GreetManyRequest.SerializeToString,
+            greeter_dot_v2_dot_greeter__pb2.GreetManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,8 @@ class GreeterServiceStub:
     """SayHello answers one request with one reply."""
     StreamGreetings: _grpc.UnaryStreamMultiCallable[_greeter_pb2.StreamGreetingsRequest, _greeter_pb2.StreamGreetingsResponse]
     """StreamGreetings answers one request with `count` replies spread over time."""
+    GreetMany: _grpc.StreamUnaryMultiCallable[_greeter_pb2.GreetManyRequest, _greeter_pb2.GreetManyResponse]
+    """GreetMany reads 1 to 100 people and answers once, after the client half-closes."""
     Chat: _grpc.StreamStreamMultiCallable[_greeter_pb2.ChatRequest, _greeter_pb2.ChatResponse]
     """Chat answers each message as it arrives, and holds at most 100 messages."""
 
@@ -60,6 +62,8 @@ class GreeterServiceAsyncStub(GreeterServiceStub):
     """SayHello answers one request with one reply."""
     StreamGreetings: _aio.UnaryStreamMultiCallable[_greeter_pb2.StreamGreetingsRequest, _greeter_pb2.StreamGreetingsResponse]  # type: ignore[assignment]
     """StreamGreetings answers one request with `count` replies spread over time."""
+    GreetMany: _aio.StreamUnaryMultiCallable[_greeter_pb2.GreetManyRequest, _greeter_pb2.GreetManyResponse]  # type: ignore[assignment]
+    """GreetMany reads 1 to 100 people and answers once, after the client half-closes."""
     Chat: _aio.StreamStreamMultiCallable[_greeter_pb2.ChatRequest, _greeter_pb2.ChatResponse]  # type: ignore[assignment]
     """Chat answers each message as it arrives, and holds at most 100 messages."""
 
@@ -81,6 +85,14 @@ class GreeterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_greeter_pb2.StreamGreetingsResponse], _abc.AsyncIterator[_greeter_pb2.StreamGreetingsResponse]]:
         """StreamGreetings answers one request with `count` replies spread over time."""
+
+    @_abc_1.abstractmethod
+    def GreetMany(
+        self,
+        request_iterator: _MaybeAsyncIterator[_greeter_pb2.GreetManyRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_greeter_pb2.GreetManyResponse, _abc.Awaitable[_greeter_pb2.GreetManyResponse]]:
+        """GreetMany reads 1 to 100 people and answers once, after the client half-closes."""
 
     @_abc_1.abstractmethod
     def Chat(
