@@ -55,6 +55,9 @@ async def spans_of(receiver: OtlpReceiver, trace_id: str, count: int) -> dict:
     """The spans of the trace once `count` of them have arrived: {kind: span}."""
     await eventually(
         lambda: len([s for s in receiver.spans if s.trace_id == trace_id]) >= count,
+        # Batches leave every 50 ms, but on a machine running five suites at once the spans
+        # of a stream past its deadline once took more than 5 s to arrive.
+        timeout=20,
         message=f"{count} spans of trace {trace_id}",
     )
     return {s.kind: s for s in receiver.spans if s.trace_id == trace_id}

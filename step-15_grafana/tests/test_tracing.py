@@ -66,6 +66,9 @@ async def spans_of(receiver: OtlpReceiver, trace_id: str, count: int) -> dict:
     """The spans of the client-to-Greeter hop once `count` of them have arrived: {kind: span}."""
     await eventually(
         lambda: len(greeter_hop(receiver, trace_id)) >= count,
+        # Batches leave every 50 ms, but on a machine running five suites at once the spans
+        # of a stream past its deadline once took more than 5 s to arrive.
+        timeout=20,
         message=f"{count} spans of trace {trace_id}",
     )
     return {s.kind: s for s in greeter_hop(receiver, trace_id)}
