@@ -4,6 +4,7 @@ comes back at its address; the Kafka-protocol broker keeps its log across a rest
 on a small scratch repository or its own processes, never on this one."""
 
 import copy
+import json
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from tools.broker import KafkaBroker, S3Server
 from tools.envoy import local_config, socket_addresses
 from tools.processes import ServerProcess, free_port
-from tools.steps import ROOT
+from tools.steps import ROOT, find_step
 
 
 def tool(name: str, *args: str, cwd: Path = ROOT, env: dict | None = None):
@@ -241,6 +242,37 @@ async def test_the_broker_keeps_its_events_and_offsets_across_a_restart():
             await consumer.stop()
     assert [r.value for r in records[partition]] == [b"e0", b"e1", b"e2"]
     assert [m.offset for m in sent] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("label", "counted"), [("02", "unimplemented"), ("03", "calls")])
+def test_bench_tells_an_rpc_a_step_lacks_from_a_failed_call(label, counted):
+    """`make bench --against REV` runs GreetMany against steps as they were before it existed:
+    UNIMPLEMENTED there means "no such RPC" (a dash in the table), not 5 failed calls."""
+    with ServerProcess(find_step(label).path) as server:
+        result = tool(
+            "bench.py",
+            "load",
+            "--kind",
+            "many",
+            "--calls",
+            "5",
+            "--target",
+            server.address,
+            "--concurrency",
+            "1",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0",
+        )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.splitlines()[-1])
+    assert {k: figures[k] for k in ("calls", "unimplemented", "errors")} == {
+        "calls": 0,
+        "unimplemented": 0,
+        "errors": 0,
+        counted: 5,
+    }
 
 
 def test_envoy_runs_the_steps_config_with_only_ports_and_upstreams_changed():

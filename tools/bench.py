@@ -78,6 +78,7 @@ async def generate_load(args: argparse.Namespace) -> dict:
     )
     latencies: list[float] = []  # unary and many: per call; stream and chat: per message
     errors = 0
+    unimplemented = 0  # the server has no such RPC (a step at an older revision, --against)
     started = time.monotonic()
     window = (started + args.warmup, started + args.warmup + args.seconds)
     remaining = args.calls  # --calls N: N calls (or chats), however long they take
@@ -137,12 +138,15 @@ async def generate_load(args: argparse.Namespace) -> dict:
         return time.monotonic() < window[1]
 
     async def caller() -> None:
-        nonlocal errors
+        nonlocal errors, unimplemented
         while another():
             try:
                 await one(time.monotonic())
-            except grpc.aio.AioRpcError:
-                errors += 1
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    unimplemented += 1
+                else:
+                    errors += 1
 
     async with channel:
         clocked = () if args.calls else (clock(),)
@@ -151,6 +155,7 @@ async def generate_load(args: argparse.Namespace) -> dict:
     return {
         "calls": len(latencies),  # unary, many: calls; stream: messages; chat: round trips
         "errors": errors,
+        "unimplemented": unimplemented,
         "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else None,
     }
@@ -315,7 +320,8 @@ def run_variant(
             sample.failed += result["errors"]
         if first_step >= 3 and not unary_only:
             result = measure(running, "many", STREAMING_CONCURRENCY, seconds, warmup)
-            sample.many_calls_per_second = result["per_second"]
+            if not result["unimplemented"]:  # GreetMany came after step 03 itself (issue 24)
+                sample.many_calls_per_second = result["per_second"]
             sample.failed += result["errors"]
             result = measure(running, "chat", STREAMING_CONCURRENCY, seconds, warmup)
             sample.chat_round_trips_per_second = result["per_second"]
