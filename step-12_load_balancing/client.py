@@ -30,10 +30,12 @@ import collections
 import contextlib
 import getpass
 import logging
+import stat
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TextIO
 
 import grpc
 
@@ -95,6 +97,13 @@ async def stream(stub: "greeter_pb2_grpc.GreeterAsyncStub", args: argparse.Names
 async def stdin_lines() -> AsyncIterator[str]:
     """Lines typed (or piped) on stdin, read without blocking the event loop; blank lines
     are skipped. Ends at end of input (Ctrl-D)."""
+    if not waits_for_input(sys.stdin):
+        # A file (`< names.txt`) or /dev/null: reading it never waits, and the event loop
+        # could not watch it anyway (epoll refuses regular files).
+        for line in sys.stdin:
+            if text := line.rstrip("\r\n"):
+                yield text
+        return
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -107,6 +116,12 @@ async def stdin_lines() -> AsyncIterator[str]:
             return
         if text := line.decode().rstrip("\r\n"):
             yield text
+
+
+def waits_for_input(stream: TextIO) -> bool:
+    """A terminal, a pipe or a socket: input that may not be there yet."""
+    mode = os.fstat(stream.fileno()).st_mode
+    return stream.isatty() or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
 async def listed(messages: list[str]) -> AsyncIterator[str]:

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 # `listening on HOST:PORT` says the server is ready; a second port is announced before it in
 # the same shape (`metrics on HOST:PORT`).
@@ -377,15 +378,17 @@ def run_script(
     script: str,
     *args: str,
     input: str | None = None,
+    stdin: IO | None = None,
     timeout: float = 30.0,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python <script> args...` in a step folder and capture its output."""
+    """Run `python <script> args...` in a step folder and capture its output. Its stdin:
+    `input` through a pipe, or the file `stdin` (as `< names.txt` gives it)."""
     return subprocess.run(
         [sys.executable, script, *args],
         cwd=step_dir,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **FREE_PORTS, **(env or {})},
-        input=input,
+        **({"input": input} if stdin is None else {"stdin": stdin}),
         capture_output=True,
         text=True,
         timeout=timeout,

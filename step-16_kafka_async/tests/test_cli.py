@@ -1,5 +1,6 @@
 """The command-line client, run as a learner runs it: replies, and errors in one line."""
 
+import os
 import subprocess
 import sys
 
@@ -83,6 +84,24 @@ def test_client_greets_many_names_in_one_reply(server_process):
 def test_client_sends_many_names_line_by_line_from_stdin(server_process):
     result = run_client("many", "--target", server_process.address, input="Ada\n\nGrace\n")
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada and Grace!\n", "")
+
+
+@pytest.mark.parametrize("command", ["many", "chat"])
+def test_client_reads_names_from_a_file_on_stdin(server_process, tmp_path, command):
+    """`python client.py many < names.txt`: a file is not a pipe (the event loop cannot watch
+    it), and /dev/null ends at once."""
+    names = tmp_path / "names.txt"
+    names.write_text("Ada\n\nGrace\n")
+    with names.open() as stdin:
+        result = run_client(command, "--target", server_process.address, stdin=stdin)
+    replies = {"many": "Hello, Ada and Grace!\n", "chat": "Hello, Ada!\nHello, Grace!\n"}
+    assert (result.returncode, result.stdout, result.stderr) == (0, replies[command], "")
+    with open(os.devnull) as nothing:
+        result = run_client(command, "--target", server_process.address, stdin=nothing)
+    if command == "many":  # no name at all: the server says what to do
+        assert result.stderr.startswith("error: INVALID_ARGUMENT: GreetMany needs at least one")
+    else:  # a chat without messages ends cleanly
+        assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
 def test_client_reports_a_refused_name_of_many_in_one_line(server_process):
