@@ -174,7 +174,9 @@ async def test_a_stream_the_shutdown_cuts_gets_no_reply_and_says_so(start_server
         call = greeter_pb2_grpc.GreeterStub(channel).GreetMany(names(), timeout=5)
         await asyncio.wait_for(sent.wait(), 5)
         await server.shut_down()
-        assert await call.code() == grpc.StatusCode.UNAVAILABLE
+        # When the grace runs out gRPC's core cancels the calls left and closes the
+        # connection: the client sees whichever reaches it first (both seen in CI).
+        assert await call.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     await wait_for_line(caplog, "GreetMany cut by the server's shutdown; names read: 2")
 
 
