@@ -18,10 +18,11 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -118,7 +119,16 @@ class Buckets:
 
 
 class LimiterMetrics:
-    def __init__(self, registry: CollectorRegistry, prefix: str):
+    """What the limits did: `{prefix}_rate_limited_total` (by method and limit, never by
+    caller: user ids are unbounded), where the buckets were, and whether Redis answers."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        prefix: str,
+        limit: str,
+        services: Iterable[ServiceDescriptor],
+    ):
         self.limited = Counter(
             f"{prefix}_rate_limited_total",
             "Calls refused with RESOURCE_EXHAUSTED by a rate limit, by method and limit.",
@@ -131,6 +141,9 @@ class LimiterMetrics:
             ["store"],
             registry=registry,
         )
+        for service in services:  # every series at 0 from the start, as metrics.py does
+            for method in service.methods:
+                self.limited.labels(service.full_name, method.name, limit)
         for where in ("redis", "memory"):
             self.decisions.labels(where)
         self.store_up = Gauge(
@@ -147,7 +160,7 @@ def throttled_status(subject: str, quota: Quota, retry_after: float) -> status_p
     delay.FromNanoseconds(max(1_000_000, round(retry_after * 1e9)))  # at least 1 ms
     retry_info, quota_failure = any_pb2.Any(), any_pb2.Any()
     retry_info.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-    limit = f"{quota.rate} calls a second, {quota.burst} at once"
+    limit = f"{quota.rate} call{'s' if quota.rate > 1 else ''} a second, {quota.burst} at once"
     quota_failure.Pack(
         error_details_pb2.QuotaFailure(
             violations=[

@@ -245,7 +245,7 @@ async def running_server(
             Quota(settings.rate_limit, settings.rate_burst),
             service.rate_limit_subject,
             service.rate_limit_name,
-            LimiterMetrics(registry, service.name),
+            LimiterMetrics(registry, service.name, service.rate_limit_name, service.descriptors),
             settings.rate_limit_redis,
             exempt=PUBLIC_SERVICES,
         )
