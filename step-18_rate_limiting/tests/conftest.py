@@ -28,6 +28,7 @@ from tests.support.helpers import require_binary
 from tools.broker import KafkaBroker, S3Server
 from tools.otlp_receiver import OtlpReceiver
 from tools.processes import ServerProcess, make_certificates
+from tools.redis import RedisServer
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -77,6 +78,14 @@ def broker():
     own, so that nothing else slows it: `broker.stop()`, `broker.start()`."""
     with S3Server() as s3, KafkaBroker(s3) as own:
         yield own
+
+
+@pytest.fixture
+def redis():
+    """A Redis of the test's own (tools/redis.py), where replicas share their rate limits:
+    `redis.url`, `redis.stop()`, `redis.start()`."""
+    with RedisServer() as server:
+        yield server
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ the refusal of callers without credentials go on as before; each RPC kind pays a
 README says; the refusals are counted."""
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -14,8 +15,20 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from greeter.v1 import greeter_pb2_grpc
-from helpers import Request, messages, open_channel, raw_channel, rpc_error, say, scrape, value
+from helpers import (
+    STEP_DIR,
+    Request,
+    messages,
+    open_channel,
+    raw_channel,
+    rpc_error,
+    say,
+    scrape,
+    value,
+)
 from ratelimit import retry_delay
+from tests.support.helpers import eventually
+from tools.processes import StepServices
 
 RATE, BURST = 2, 5  # a token every half second, five at once
 
@@ -176,3 +189,118 @@ async def test_refusals_are_counted_by_method_and_limit(limited):
         grpc_code="ResourceExhausted",
         **handled,
     ) == len(refused)
+
+
+async def round_the_replicas(addresses: list[str], calls: int) -> tuple[int, float]:
+    """`calls` SayHellos as ada, each to the next replica in turn, every replica on a
+    channel of its own: how many passed, in how many seconds."""
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = [
+            greeter_pb2_grpc.GreeterStub(await stack.enter_async_context(open_channel(address)))
+            for address in addresses
+        ]
+        passed, started = 0, time.monotonic()
+        for index in range(calls):
+            try:
+                await stubs[index % len(stubs)].SayHello(Request(name="Ada"), timeout=5)
+                passed += 1
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        return passed, time.monotonic() - started
+
+
+async def test_three_replicas_on_their_own_give_a_user_three_times_the_quota(start_server):
+    """Why the buckets are shared: each replica has a bucket of its own per user."""
+    replicas = [await start_server(rate_limit=1, rate_burst=6) for _ in range(3)]
+    passed, seconds = await round_the_replicas([r.address for r in replicas], 30)
+    assert 3 * 6 <= passed <= 3 * (6 + int(seconds * 1)), (passed, seconds)
+
+
+async def test_three_replicas_share_a_users_quota_through_redis(redis):
+    """Three Greeter processes, one Redis: ada gets one burst and one rate, whichever
+    replica serves her."""
+    settings = {
+        "GREETER_RATE_LIMIT": "1",
+        "GREETER_RATE_BURST": "6",
+        "GREETER_RATE_LIMIT_REDIS": redis.url,
+    }
+    with StepServices(STEP_DIR, replicas={"greeter": 3}, env=settings) as services:
+        addresses = [p.address for p in services.replicas("greeter")]
+        passed, seconds = await round_the_replicas(addresses, 30)
+        metrics = [await scrape(p.addresses["metrics"]) for p in services.replicas("greeter")]
+    assert 6 <= passed <= 6 + int(seconds * 1) + 1, (passed, seconds)
+    for samples in metrics:  # every replica asked Redis, each its share of the calls
+        assert value(samples, "greeter_rate_limit_decisions_total", store="redis") == 10
+        assert value(samples, "greeter_rate_limit_decisions_total", store="memory") == 0
+        assert value(samples, "greeter_rate_limit_store_up") == 1
+
+
+async def test_a_redis_that_goes_away_under_load_costs_no_call_and_limits_go_on(
+    start_server, redis, caplog
+):
+    """Redis stops while four callers greet as fast as they can: no call fails or waits
+    for it, each replica limits on its own meanwhile (one line says so), and once Redis is
+    back the limits are shared again (one line)."""
+    server = await start_server(rate_limit=1_000, rate_burst=1_000, rate_limit_redis=redis.url)
+    failures: list[BaseException] = []
+    longest = 0.0
+    stop = asyncio.Event()
+
+    async def caller(user: str) -> None:
+        nonlocal longest
+        async with open_channel(server.address, user_id=user) as channel:
+            stub = greeter_pb2_grpc.GreeterStub(channel)
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    await stub.SayHello(Request(name="Ada"), timeout=5)
+                except grpc.aio.AioRpcError as error:
+                    failures.append(error)
+                longest = max(longest, time.monotonic() - started)
+
+    async def store_up() -> float | None:
+        return value(await scrape(server.metrics_address), "greeter_rate_limit_store_up")
+
+    async def decided_in(where: str) -> float:
+        samples = await scrape(server.metrics_address)
+        return value(samples, "greeter_rate_limit_decisions_total", store=where) or 0.0
+
+    callers = [asyncio.create_task(caller(f"user{n}")) for n in range(4)]
+    try:
+        await eventually(lambda: decided_in("redis"), message="calls decided in Redis")
+        redis.stop()
+        await eventually(lambda: _is(store_up(), 0), message="store_up at 0")
+        local = await decided_in("memory")
+        await eventually(lambda: _more(decided_in("memory"), local + 50), message="local calls")
+        redis.start()
+        await eventually(lambda: _is(store_up(), 1), timeout=10, message="store_up at 1")
+        shared = await decided_in("redis")
+        await eventually(lambda: _more(decided_in("redis"), shared + 50), message="shared calls")
+    finally:
+        stop.set()
+        await asyncio.gather(*callers)
+    assert failures == []
+    assert longest < 2, f"a call took {longest:.2f} s"  # generous: Redis's timeout is 0.1 s
+    lines = [r.getMessage() for r in caplog.records if r.name == "ratelimit"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"rate limits: Redis at {redis.url} is unreachable (")
+    assert lines[0].endswith("): each replica limits on its own until it is back")
+    assert lines[1] == f"rate limits: Redis at {redis.url} is back: limits are shared again"
+
+
+async def test_while_redis_is_down_a_user_is_still_limited(start_server, redis):
+    """Fail open, but not wide open: each replica's own bucket still holds."""
+    server = await start_server(rate_limit=1, rate_burst=3, rate_limit_redis=redis.url)
+    redis.stop()
+    async with open_channel(server.address) as channel:
+        passed, refused, seconds = await hammer(greeter_pb2_grpc.GreeterStub(channel), 10)
+    assert 3 <= passed <= 3 + int(seconds * 1), (passed, seconds)
+    assert refused[-1].details().startswith("rate limit of user ada (1 call a second")
+
+
+async def _is(value_of, expected: float) -> bool:
+    return await value_of == expected
+
+
+async def _more(value_of, than: float) -> bool:
+    return await value_of > than
