@@ -4,7 +4,9 @@
     python client.py stream --name Ada [--count N]
     python client.py many [--name NAME ...]        (without --name: one name per stdin line)
     python client.py chat [--message TEXT ...]     (without --message: one message per stdin line)
-    python client.py spread --name Ada [--calls 30]  (which replica served each call: a count each)
+    python client.py spread --name Ada [--calls 30]  (which replica served each call: a count each;
+                                                       a rate-limited call is sent again when
+                                                       the server's RetryInfo says)
     python client.py hello --api v2 --name Ada [--family-name Lovelace]   (greeter.v2)
 
 --canary sends `x-canary: always`: through Envoy (deploy/envoy.yaml), the call goes to the
@@ -49,7 +51,7 @@ from greeter.v1 import greeter_pb2, greeter_pb2_grpc
 from greeter.v2 import greeter_pb2 as greeter_v2_pb2
 from greeter.v2 import greeter_pb2_grpc as greeter_v2_pb2_grpc
 from propagation import request_id_interceptors
-from retries import GREETER_RETRIED
+from retries import GREETER_RETRIED, retry_delay
 from rpc_log import ClientRpcLogger
 from settings import add_options, flag_type, option, positive_number, positive_seconds
 from tls import TlsConfigError, channel_credentials
@@ -64,6 +66,9 @@ DEFAULT_TIMEOUT_SECONDS = {
     "chat": 300.0,
     "spread": 5.0,
 }
+# spread sends a rate-limited call again after the delay its RetryInfo gives, this many
+# times at most (each wait lets the server's bucket refill, so one more is normally enough).
+MAX_THROTTLED_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
@@ -195,13 +200,25 @@ async def spread(channel: grpc.aio.Channel, args: argparse.Namespace) -> None:
     """`--calls` SayHello calls, one after the other, then how many each replica served."""
     stub = greeter_pb2_grpc.GreeterStub(channel)
     counts: collections.Counter[str] = collections.Counter()
+    throttled, waited = 0, 0.0
     for _ in range(args.calls):
-        call = stub.SayHello(greeter_pb2.HelloRequest(name=args.name), **call_options(args))
-        await call
+        for attempt in range(1, MAX_THROTTLED_ATTEMPTS + 1):
+            call = stub.SayHello(greeter_pb2.HelloRequest(name=args.name), **call_options(args))
+            try:
+                await call
+                break
+            except grpc.aio.AioRpcError as error:
+                # Over a rate limit (step 18): come back when RetryInfo says, not at once.
+                if (delay := retry_delay(error)) is None or attempt == MAX_THROTTLED_ATTEMPTS:
+                    raise
+                throttled, waited = throttled + 1, waited + delay
+                await asyncio.sleep(delay)
         counts[served_by(await call.trailing_metadata()) or "?"] += 1
     for replica, count in sorted(counts.items()):
         print(f"{replica}: {count}")
     print(f"{args.calls} calls over {len(counts)} replicas")
+    if throttled:
+        print(f"rate-limited {throttled} times: waited {waited:.1f} s in all, as RetryInfo said")
 
 
 def login_name() -> str:

@@ -175,19 +175,6 @@ def throttled_status(subject: str, quota: Quota, retry_after: float) -> status_p
     )
 
 
-def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
-    """The seconds a RESOURCE_EXHAUSTED call's RetryInfo says to wait; None without one."""
-    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return None
-    status = rpc_status.from_call(error)
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info = error_details_pb2.RetryInfo()
-            detail.Unpack(info)
-            return info.retry_delay.ToNanoseconds() / 1e9
-    return None
-
-
 class ServerRateLimiter(grpc.aio.ServerInterceptor):
     """Refuses a caller's calls beyond its quota. `subject_of(context)` names the caller
     ("user ada"), or None for a call no limit applies to; calls to the `exempt` services

@@ -15,6 +15,8 @@ costs one short attempt, and the next attempt goes to another replica.
 import time
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_random_exponential
 
 # What a transparent retry is for: the call did not happen. Never a code that means the call
@@ -94,3 +96,16 @@ def report_attempts(budget_seconds: float) -> AsyncRetrying:
         wait=wait_random_exponential(multiplier=0.01, max=MAX_REPORT_BACKOFF_SECONDS),
         reraise=True,
     )
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """The seconds a RESOURCE_EXHAUSTED call's RetryInfo says to wait; None without one."""
+    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    status = rpc_status.from_call(error)
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None

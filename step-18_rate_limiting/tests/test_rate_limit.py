@@ -5,6 +5,8 @@ README says; the refusals are counted."""
 
 import asyncio
 import contextlib
+import re
+import subprocess
 import time
 
 import grpc
@@ -22,13 +24,14 @@ from helpers import (
     open_channel,
     raw_channel,
     rpc_error,
+    run_client,
     say,
     scrape,
     value,
 )
-from ratelimit import retry_delay
+from retries import retry_delay
 from tests.support.helpers import eventually
-from tools.processes import StepServices
+from tools.processes import ServerProcess, StepServices
 
 RATE, BURST = 2, 5  # a token every half second, five at once
 
@@ -304,3 +307,43 @@ async def _is(value_of, expected: float) -> bool:
 
 async def _more(value_of, than: float) -> bool:
     return await value_of > than
+
+
+async def test_the_client_says_in_one_line_when_to_come_back():
+    limits = {"GREETER_RATE_LIMIT": "1", "GREETER_RATE_BURST": "2"}
+    client = ("hello", "--name", "Ada", "--user-id", "ada")
+    result: subprocess.CompletedProcess | None = None
+    with ServerProcess(STEP_DIR, env=limits) as server:
+        async with open_channel(server.address) as channel:
+
+            async def client_refused() -> bool:
+                """ada's bucket emptied, then the client as ada: refused, unless it took
+                longer than a second to start (a token came meanwhile: then again)."""
+                nonlocal result
+                await hammer(greeter_pb2_grpc.GreeterStub(channel), 3)
+                result = await asyncio.to_thread(run_client, *client, "--target", server.address)
+                return result.returncode != 0
+
+            await eventually(client_refused, timeout=30, message="a refused client")
+    assert result is not None
+    [line] = result.stderr.splitlines()
+    assert re.fullmatch(
+        r"error: RESOURCE_EXHAUSTED: rate limit of user ada \(1 call a second, 2 at once\): "
+        r"retry in 0\.\d\d s",
+        line,
+    ), line
+
+
+def test_spread_comes_back_when_retry_info_says():
+    """Six calls at 2 a second from a bucket of 1: at least 2.5 s apart, or refused. (Calls
+    that slow on their own would take over 400 ms each.)"""
+    with ServerProcess(
+        STEP_DIR, env={"GREETER_RATE_LIMIT": "2", "GREETER_RATE_BURST": "1"}
+    ) as server:
+        spread = run_client("spread", "--name", "Ada", "--calls", "6", "--target", server.address)
+    assert spread.returncode == 0, spread.stderr
+    *_, total, throttled = spread.stdout.splitlines()
+    assert total == "6 calls over 1 replicas"
+    assert re.fullmatch(
+        r"rate-limited \d+ times: waited \d+\.\d s in all, as RetryInfo said", throttled
+    ), throttled
