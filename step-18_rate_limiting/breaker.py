@@ -20,11 +20,15 @@ import grpc
 import pybreaker
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from retries import retry_delay
+
 log = logging.getLogger("greeter.breaker")
 T = TypeVar("T")
 
 # What says the Logger is in trouble: it could not be reached, did not answer in time, or has
 # no room. Any other code (INVALID_ARGUMENT, UNAUTHENTICATED...) is an answer: the Logger works.
+# So is its rate limit (step 18): a RESOURCE_EXHAUSTED with a RetryInfo says "this caller,
+# not now", from a Logger that works; `is_dependency_failure` leaves it out.
 DEPENDENCY_FAILURES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -45,6 +49,8 @@ def is_dependency_failure(error: BaseException, deadline_was_ours: bool) -> bool
     had the Greeter's whole Logger timeout: when the caller's own deadline cut it short, the
     caller ran out of time, and callers in a hurry must not open the breaker for everyone."""
     if not isinstance(error, grpc.aio.AioRpcError) or error.code() not in DEPENDENCY_FAILURES:
+        return False
+    if retry_delay(error) is not None:  # a rate limit's answer: the Logger works
         return False
     return deadline_was_ours or error.code() != grpc.StatusCode.DEADLINE_EXCEEDED
 

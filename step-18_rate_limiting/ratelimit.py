@@ -128,6 +128,7 @@ class LimiterMetrics:
         prefix: str,
         limit: str,
         services: Iterable[ServiceDescriptor],
+        exempt: frozenset[str] = frozenset(),
     ):
         self.limited = Counter(
             f"{prefix}_rate_limited_total",
@@ -143,7 +144,8 @@ class LimiterMetrics:
         )
         for service in services:  # every series at 0 from the start, as metrics.py does
             for method in service.methods:
-                self.limited.labels(service.full_name, method.name, limit)
+                if f"{service.full_name}/{method.name}" not in exempt:
+                    self.limited.labels(service.full_name, method.name, limit)
         for where in ("redis", "memory"):
             self.decisions.labels(where)
         self.store_up = Gauge(
@@ -178,7 +180,8 @@ def throttled_status(subject: str, quota: Quota, retry_after: float) -> status_p
 class ServerRateLimiter(grpc.aio.ServerInterceptor):
     """Refuses a caller's calls beyond its quota. `subject_of(context)` names the caller
     ("user ada"), or None for a call no limit applies to; calls to the `exempt` services
-    (health, reflection) are never limited. Sits after the auth interceptor, so a caller
+    services (health, reflection) or methods ("logger.v1.Logger/ListRecent") are never
+    limited. Sits after the auth interceptor, so a caller
     without credentials is refused before it could take anyone's tokens."""
 
     def __init__(
@@ -201,7 +204,8 @@ class ServerRateLimiter(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler_call_details.method.split("/")[1] in self._exempt:
+        _, service, method = handler_call_details.method.split("/")
+        if handler is None or service in self._exempt or f"{service}/{method}" in self._exempt:
             return handler
         return self._wrapped(handler_call_details.method, handler)
 

@@ -71,29 +71,40 @@ def method_config(retried: list[dict]) -> dict:
 
 def is_worth_another_attempt(error: BaseException) -> bool:
     """An attempt that ran out of its own time: another, on the next replica, may succeed.
-    UNAVAILABLE is not retried here: gRPC has retried it already (retrying at two layers
-    would multiply the attempts)."""
-    return (
-        isinstance(error, grpc.aio.AioRpcError)
-        and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    )
+    Or one the Logger refused for its rate limit with a RetryInfo: another, once that delay
+    has passed, will be let through (step 18). UNAVAILABLE is not retried here: gRPC has
+    retried it already (retrying at two layers would multiply the attempts)."""
+    if not isinstance(error, grpc.aio.AioRpcError):
+        return False
+    return error.code() == grpc.StatusCode.DEADLINE_EXCEEDED or retry_delay(error) is not None
 
 
 def report_attempts(budget_seconds: float) -> AsyncRetrying:
     """Attempts of one report, all within `budget_seconds` from now: tenacity stops when
-    another backoff and attempt would not fit, and re-raises the last error."""
+    another wait and attempt would not fit, and re-raises the last error. The wait is the
+    one a refusal's RetryInfo gives, or a short backoff with full jitter."""
     ends = time.monotonic() + budget_seconds
+    backoff = wait_random_exponential(multiplier=0.01, max=MAX_REPORT_BACKOFF_SECONDS)
+
+    def told_to_wait(retry_state: RetryCallState) -> float | None:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        return retry_delay(error) if isinstance(error, grpc.aio.AioRpcError) else None
+
+    def wait(retry_state: RetryCallState) -> float:
+        told = told_to_wait(retry_state)
+        return backoff(retry_state) if told is None else told
 
     def out_of_attempts_or_time(retry_state: RetryCallState) -> bool:
+        told = told_to_wait(retry_state)
+        longest_wait = MAX_REPORT_BACKOFF_SECONDS if told is None else told
         return (
-            retry_state.attempt_number >= REPORT_ATTEMPTS
-            or time.monotonic() + MAX_REPORT_BACKOFF_SECONDS >= ends
+            retry_state.attempt_number >= REPORT_ATTEMPTS or time.monotonic() + longest_wait >= ends
         )
 
     return AsyncRetrying(
         retry=retry_if_exception(is_worth_another_attempt),
         stop=out_of_attempts_or_time,
-        wait=wait_random_exponential(multiplier=0.01, max=MAX_REPORT_BACKOFF_SECONDS),
+        wait=wait,
         reraise=True,
     )
 

@@ -70,6 +70,8 @@ class Service:
     # Who a call's rate limit is for ("user ada", "service greeter"): ratelimit.py.
     rate_limit_subject: Callable[[grpc.aio.ServicerContext], str | None]
     rate_limit_name: str  # the `limit` label of its refusals: per_user, per_service
+    # Methods no rate limit applies to, as "package.Service/Method".
+    rate_limit_exempt: frozenset[str] = frozenset()
 
     @property
     def names(self) -> list[str]:
@@ -245,9 +247,15 @@ async def running_server(
             Quota(settings.rate_limit, settings.rate_burst),
             service.rate_limit_subject,
             service.rate_limit_name,
-            LimiterMetrics(registry, service.name, service.rate_limit_name, service.descriptors),
+            LimiterMetrics(
+                registry,
+                service.name,
+                service.rate_limit_name,
+                service.descriptors,
+                service.rate_limit_exempt,
+            ),
             settings.rate_limit_redis,
-            exempt=PUBLIC_SERVICES,
+            exempt=PUBLIC_SERVICES | service.rate_limit_exempt,
         )
         server, port = build_server(
             settings, service, servicer, health, metrics, provider, in_flight, rate_limiter

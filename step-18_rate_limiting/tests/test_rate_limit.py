@@ -20,6 +20,7 @@ from greeter.v1 import greeter_pb2_grpc
 from helpers import (
     STEP_DIR,
     Request,
+    logged_greetings,
     messages,
     open_channel,
     raw_channel,
@@ -347,3 +348,46 @@ def test_spread_comes_back_when_retry_info_says():
     assert re.fullmatch(
         r"rate-limited \d+ times: waited \d+\.\d s in all, as RetryInfo said", throttled
     ), throttled
+
+
+async def test_a_greeter_the_logger_throttles_comes_back_when_told(start_server, start_logger):
+    """The Logger's limit is per calling service. A second report right after the first is
+    refused with a RetryInfo of a tenth of a second: the Greeter waits that long and tries
+    again (retries.py), and both greetings are logged."""
+    logger = await start_logger(rate_limit=10, rate_burst=1)
+    server = await start_server(logger_target=logger.address, logger_timeout=3.0)
+    async with open_channel(server.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        for name in ("Ada", "Grace"):
+            await stub.SayHello(Request(name=name), timeout=5)
+    assert [list(e.greeting.names) for e in await logged_greetings(logger.address)] == [
+        ["Ada"],
+        ["Grace"],
+    ]
+    record = {"grpc_service": "logger.v1.Logger", "grpc_method": "Record", "limit": "per_service"}
+    logger_samples = await scrape(logger.metrics_address)
+    assert value(logger_samples, "logger_rate_limited_total", **record) >= 1
+    greeter_samples = await scrape(server.metrics_address)
+    assert value(greeter_samples, "greeter_logger_report_retries_total") >= 1
+
+
+async def test_a_throttled_greeter_does_not_open_its_breaker(start_server, start_logger, caplog):
+    """The Logger lets the Greeter record one greeting a second, and the Greeter greets ten
+    at once: nine reports are refused, each with a RetryInfo longer than the report may
+    wait. They are lost and counted, but the Logger works: the breaker (two failures open
+    it) stays closed, and the Logger still gets every report it has room for."""
+    logger = await start_logger(rate_limit=1, rate_burst=1)
+    server = await start_server(
+        logger_target=logger.address, logger_timeout=0.5, logger_breaker_failures=2
+    )
+    async with open_channel(server.address) as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        for _ in range(10):
+            assert (await stub.SayHello(Request(name="Ada"), timeout=5)).message == "Hello, Ada!"
+    samples = await scrape(server.metrics_address)
+    unlogged = value(samples, "greeter_unlogged_greetings_total", grpc_code="ResourceExhausted")
+    assert 8 <= unlogged <= 9, unlogged  # (a second may pass: one more token)
+    assert value(samples, "greeter_logger_breaker_state") == 0
+    assert value(samples, "greeter_logger_breaker_skipped_total") == 0
+    assert not [r for r in caplog.records if r.name == "greeter.breaker"]
+    assert len(await logged_greetings(logger.address)) == 10 - unlogged
