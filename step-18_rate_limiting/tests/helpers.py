@@ -65,6 +65,12 @@ TEST_USER = "ada"
 # The tests of the earlier steps' features make calls as fast as they can: a rate limit
 # (step 18) that no test but its own reaches. As settings, and as the servers' variables.
 UNREACHED_RATE_LIMIT = {"rate_limit": 1_000_000, "rate_burst": 1_000_000}
+# ... and at the edge: each user's token bucket in Envoy (tools/envoy.py).
+UNREACHED_EDGE_BUCKET = {
+    "max_tokens": 1_000_000,
+    "tokens_per_fill": 1_000_000,
+    "fill_interval": "1s",
+}
 UNREACHED_RATE_LIMIT_ENVIRONMENT = {
     f"{service}_{name.upper()}": str(value)
     for service in ("GREETER", "LOGGER")

@@ -20,7 +20,15 @@ from balancing import served_by
 from greeter.v1 import greeter_pb2_grpc
 from greeter.v2 import greeter_pb2 as v2
 from greeter.v2 import greeter_pb2_grpc as v2_grpc
-from helpers import CERTS, STEP_DIR, Request, open_channel, rpc_error, run_client
+from helpers import (
+    CERTS,
+    STEP_DIR,
+    UNREACHED_EDGE_BUCKET,
+    Request,
+    open_channel,
+    rpc_error,
+    run_client,
+)
 from tests.support.helpers import eventually
 from tools.envoy import RELEASES, EnvoyProcess, envoy_binary
 from tools.processes import ServerProcess
@@ -94,7 +102,9 @@ def releases(request):
             for name, settings in RELEASES.items()
         }
         upstreams = {name: process.address for name, process in processes.items()}
-        envoy = stack.enter_context(EnvoyProcess(STEP_DIR, CERTS, upstreams))
+        envoy = stack.enter_context(
+            EnvoyProcess(STEP_DIR, CERTS, upstreams, user_bucket=UNREACHED_EDGE_BUCKET)
+        )
         *stable, canary = processes.values()
         yield Releases(envoy, stable, canary, upstreams)
 
@@ -338,7 +348,12 @@ async def test_callers_come_back_after_envoy_restarts(releases):
         error = await rpc_error(stub.SayHello(Request(name="Ada"), timeout=5))
         assert error.code() == grpc.StatusCode.UNAVAILABLE
         with EnvoyProcess(
-            STEP_DIR, CERTS, releases.upstreams, port=envoy.port, admin_port=envoy.admin_port
+            STEP_DIR,
+            CERTS,
+            releases.upstreams,
+            port=envoy.port,
+            admin_port=envoy.admin_port,
+            user_bucket=UNREACHED_EDGE_BUCKET,
         ):
 
             async def served() -> bool:

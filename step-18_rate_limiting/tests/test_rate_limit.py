@@ -18,6 +18,7 @@ from grpc_status import rpc_status
 
 from greeter.v1 import greeter_pb2_grpc
 from helpers import (
+    CERTS,
     STEP_DIR,
     Request,
     logged_greetings,
@@ -32,6 +33,7 @@ from helpers import (
 )
 from retries import retry_delay
 from tests.support.helpers import eventually
+from tools.envoy import RELEASES, EnvoyProcess
 from tools.processes import ServerProcess, StepServices
 
 RATE, BURST = 2, 5  # a token every half second, five at once
@@ -391,3 +393,30 @@ async def test_a_throttled_greeter_does_not_open_its_breaker(start_server, start
     assert value(samples, "greeter_logger_breaker_skipped_total") == 0
     assert not [r for r in caplog.records if r.name == "greeter.breaker"]
     assert len(await logged_greetings(logger.address)) == 10 - unlogged
+
+
+async def test_envoy_limits_each_user_at_the_edge_before_any_greeter_is_called():
+    """deploy/envoy.yaml, with a bucket of 5 per user (1 a second) for the test: ada's
+    calls beyond it are refused by Envoy, as RESOURCE_EXHAUSTED (not UNAVAILABLE, which
+    clients would retry), and never reach the Greeter; grace has a bucket of her own."""
+    with ServerProcess(STEP_DIR) as greeter:  # its own limit unreached (conftest)
+        upstreams = dict.fromkeys(RELEASES, greeter.address)  # every release: this one
+        bucket = {"max_tokens": 5, "tokens_per_fill": 1, "fill_interval": "1s"}
+        with EnvoyProcess(STEP_DIR, CERTS, upstreams, user_bucket=bucket) as envoy:
+            async with (
+                open_channel(envoy.address) as ada,
+                open_channel(envoy.address, user_id="grace") as grace,
+            ):
+                passed, refused, seconds = await hammer(greeter_pb2_grpc.GreeterStub(ada), 20)
+                grace_passed, _, _ = await hammer(greeter_pb2_grpc.GreeterStub(grace), 5)
+        samples = await scrape(greeter.addresses["metrics"])
+    assert 5 <= passed <= 5 + int(seconds) + 1, (passed, seconds)
+    assert grace_passed == 5
+    assert {error.details() for error in refused} == {"local_rate_limited"}
+    handled = {
+        "grpc_type": "unary",
+        "grpc_service": "greeter.v1.Greeter",
+        "grpc_method": "SayHello",
+    }
+    assert value(samples, "grpc_server_handled_total", grpc_code="OK", **handled) == passed + 5
+    assert value(samples, "grpc_server_started_total", **handled) == passed + 5
