@@ -147,6 +147,17 @@ def service_panels() -> list:
             per_stream("A", "grpc_server_msg_sent_total", "{{grpc_method}} sent"),
             per_stream("B", "grpc_server_msg_received_total", "{{grpc_method}} received"),
         ),
+        graph(
+            "Rate-limited calls",
+            "reqps",
+            "Calls refused with RESOURCE_EXHAUSTED by a rate limit (ratelimit.py), by method "
+            "and limit: per_user (the Greeter) or per_service (the Logger).",
+            query(
+                "A",
+                f"sum by (grpc_method, limit) (rate(ratelimit_refused_total{{{SERVICE}}}{RATE}))",
+                "{{grpc_method}} {{limit}}",
+            ),
+        ),
     ]
 
 

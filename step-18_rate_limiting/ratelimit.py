@@ -69,7 +69,6 @@ class Buckets:
             self._shared = Throttled(
                 **algorithm, store=store.RedisStore(server=redis_url, options=timeouts)
             )
-            metrics.store_up.set(1)
         self._redis_url = redis_url
         self._metrics = metrics
         self._redis_down = False
@@ -119,25 +118,27 @@ class Buckets:
 
 
 class LimiterMetrics:
-    """What the limits did: `{prefix}_rate_limited_total` (by method and limit, never by
-    caller: user ids are unbounded), where the buckets were, and whether Redis answers."""
+    """What the limits did: the calls refused (by method and limit, never by caller: user
+    ids are unbounded), where the buckets were, and whether Redis answers (only when the
+    buckets are shared). The same names in the Greeter and the Logger: the `job` label of
+    Prometheus's scrape tells them apart."""
 
     def __init__(
         self,
         registry: CollectorRegistry,
-        prefix: str,
         limit: str,
         services: Iterable[ServiceDescriptor],
         exempt: frozenset[str] = frozenset(),
+        shared: bool = False,
     ):
         self.limited = Counter(
-            f"{prefix}_rate_limited_total",
+            "ratelimit_refused_total",
             "Calls refused with RESOURCE_EXHAUSTED by a rate limit, by method and limit.",
             ["grpc_service", "grpc_method", "limit"],
             registry=registry,
         )
         self.decisions = Counter(
-            f"{prefix}_rate_limit_decisions_total",
+            "ratelimit_decisions_total",
             "Tokens asked for, by where the bucket was: redis (shared) or memory (this replica).",
             ["store"],
             registry=registry,
@@ -149,10 +150,13 @@ class LimiterMetrics:
         for where in ("redis", "memory"):
             self.decisions.labels(where)
         self.store_up = Gauge(
-            f"{prefix}_rate_limit_store_up",
+            "ratelimit_store_up",
             "1 while the shared store (Redis) answers; 0 while each replica limits on its own.",
             registry=registry,
         )
+        self.store_up.set(1 if shared else 0)
+        if not shared:  # no Redis configured: no such series (an alert on 0 would fire)
+            registry.unregister(self.store_up)
 
 
 def throttled_status(subject: str, quota: Quota, retry_after: float) -> status_pb2.Status:

@@ -249,10 +249,10 @@ async def running_server(
             service.rate_limit_name,
             LimiterMetrics(
                 registry,
-                service.name,
                 service.rate_limit_name,
                 service.descriptors,
                 service.rate_limit_exempt,
+                shared=settings.rate_limit_redis is not None,
             ),
             settings.rate_limit_redis,
             exempt=PUBLIC_SERVICES | service.rate_limit_exempt,

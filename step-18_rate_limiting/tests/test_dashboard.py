@@ -12,6 +12,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
 import dashboard
@@ -30,6 +31,9 @@ OK_GREETINGS, REFUSED_NAMES, STREAMED, CHATTED = 6, 2, 3, 2
 GREETED_AT_ONCE = ("Ada", "Grace", "Alan", "Edsger")  # by one GreetMany call
 REPORTED = OK_GREETINGS + 3  # the stream's, the GreetMany call's, the chat's; not a refused name
 HUNG_GREETINGS = 3  # while the Logger hangs: 2 failed reports open the breaker, 1 is skipped
+# Each user may make 20 calls at once (then one a second): ada's calls above take 15 of her
+# tokens; mallory calls until THROTTLED of hers are refused.
+RATE_BURST, THROTTLED = 20, 3
 BREAKER_FAILURES = 2
 
 
@@ -40,6 +44,7 @@ class Observed:
     greeter: dict  # panel title -> {series name: value}, with $service the Greeter
     logger: dict  # the same, with $service the Logger
     greeter_instance: str  # the instance label of the Greeter's metrics
+    mallory_greeted: int  # her calls that passed before THROTTLED were refused
     exemplar_trace_ids: set[str]
     trace_ids: set[str]  # those of them whose spans the OTLP receiver got
     rules: dict[str, str]  # alert name -> health
@@ -54,7 +59,9 @@ def by_panel(answers: dict) -> dict[str, dict[str, float]]:
     return panels
 
 
-async def make_known_calls(address: str, logger) -> None:
+async def make_known_calls(address: str, logger) -> int:
+    """The calls whose outcomes the panels show; how many of mallory's passed."""
+    mallory_greeted = await flood_as_mallory(address)
     async with open_channel(address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         for _ in range(OK_GREETINGS):
@@ -76,6 +83,23 @@ async def make_known_calls(address: str, logger) -> None:
                 await stub.SayHello(Request(name="Ada"), timeout=5)
         finally:
             logger.process.send_signal(signal.SIGCONT)
+    return mallory_greeted
+
+
+async def flood_as_mallory(address: str) -> int:
+    """SayHello as mallory until THROTTLED calls are refused by her rate limit: her first
+    RATE_BURST pass (and one more for each second the calls took)."""
+    greeted = refused = 0
+    async with open_channel(address, user_id="mallory") as channel:
+        stub = greeter_pb2_grpc.GreeterStub(channel)
+        while refused < THROTTLED:
+            try:
+                await stub.SayHello(Request(name="Mallory"), timeout=5)
+                greeted += 1
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                refused += 1
+    return greeted
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +109,8 @@ def observed(receiver) -> Observed:
         "GREETER_STREAM_INTERVAL": "0.02",
         "GREETER_LOGGER_BREAKER_FAILURES": str(BREAKER_FAILURES),
         "GREETER_LOGGER_BREAKER_RESET": "600",  # it stays open for the test
+        "GREETER_RATE_LIMIT": "1",
+        "GREETER_RATE_BURST": str(RATE_BURST),
     }
     with StepServices(STEP_DIR, env=env) as services:
         greeter, logger = services["greeter"], services["logger"]
@@ -95,7 +121,7 @@ def observed(receiver) -> Observed:
         with PrometheusProcess(DEPLOY, metrics) as prometheus:
             started = time.time()
             asyncio.run(until(lambda: prometheus.scraped_after(started), "a first scrape"))
-            asyncio.run(make_known_calls(greeter.address, logger))
+            mallory_greeted = asyncio.run(make_known_calls(greeter.address, logger))
             done = time.time()
             asyncio.run(until(lambda: prometheus.scraped_after(done), "a scrape of the calls"))
             board = dashboards.load(GRAFANA / "dashboards" / "greeter.json")
@@ -125,7 +151,13 @@ def observed(receiver) -> Observed:
             asyncio.run(until(lambda: bool(traced()), "exemplars with exported traces"))
             trace_ids = traced()
     return Observed(
-        greeter_panels, logger_panels, metrics["greeter:9464"], exemplar_trace_ids, trace_ids, rules
+        greeter_panels,
+        logger_panels,
+        metrics["greeter:9464"],
+        mallory_greeted,
+        exemplar_trace_ids,
+        trace_ids,
+        rules,
     )
 
 
@@ -157,7 +189,7 @@ def provisioned_uids() -> set[str]:
 def test_every_target_has_a_unique_ref_id_and_a_provisioned_data_source():
     board = dashboards.load(GRAFANA / "dashboards" / "greeter.json")
     targets = dashboards.targets(board)
-    assert len(targets) == 15
+    assert len(targets) == 16
     for panel in {t.panel for t in targets}:
         ref_ids = [t.ref_id for t in targets if t.panel == panel]
         assert len(ref_ids) == len(set(ref_ids)), panel
@@ -198,18 +230,34 @@ def test_the_logger_as_the_selected_service(observed):
     assert observed.logger["Messages per stream"]["A answered"] == 0
 
 
+def sayhello_calls(observed: Observed) -> int:
+    return OK_GREETINGS + REFUSED_NAMES + HUNG_GREETINGS + observed.mallory_greeted + THROTTLED
+
+
 def test_request_rate_counts_each_method(observed):
     rates = observed.greeter["Request rate"]
-    greetings = OK_GREETINGS + REFUSED_NAMES + HUNG_GREETINGS
+    greetings = sayhello_calls(observed)
     assert exactly(rates["SayHello"] / rates["StreamGreetings"], greetings), rates
     assert exactly(rates["Chat"], rates["StreamGreetings"]), rates  # one of each
 
 
 def test_error_ratio_names_the_code_and_its_share(observed):
     ratios = observed.greeter["Error ratio by code"]
-    greetings = OK_GREETINGS + REFUSED_NAMES + HUNG_GREETINGS
-    assert set(ratios) == {"A answered", "SayHello InvalidArgument"}
+    greetings = sayhello_calls(observed)
+    assert set(ratios) == {"A answered", "SayHello InvalidArgument", "SayHello ResourceExhausted"}
     assert exactly(ratios["SayHello InvalidArgument"], REFUSED_NAMES / greetings), ratios
+    assert exactly(ratios["SayHello ResourceExhausted"], THROTTLED / greetings), ratios
+
+
+def test_rate_limited_calls_are_shown_by_method_and_limit(observed):
+    assert RATE_BURST <= observed.mallory_greeted
+    limited = observed.greeter["Rate-limited calls"]
+    rates = observed.greeter["Request rate"]
+    assert limited["SayHello per_user"] > 0
+    assert exactly(
+        limited["SayHello per_user"] / rates["SayHello"], THROTTLED / sayhello_calls(observed)
+    )
+    assert limited["Chat per_user"] == 0
 
 
 def test_latency_quantiles_and_heatmap_have_values(observed):
@@ -257,7 +305,8 @@ def test_the_logger_dependency_shows_failed_retried_and_skipped_reports(observed
     calls = observed.greeter["Logger calls by code"]
     retries = observed.greeter["Logger retries"]
     assert set(calls) == {"A answered", "OK", "DeadlineExceeded"}
-    assert exactly(calls["OK"] / failed["failed: DeadlineExceeded"], REPORTED / BREAKER_FAILURES)
+    reported = REPORTED + observed.mallory_greeted
+    assert exactly(calls["OK"] / failed["failed: DeadlineExceeded"], reported / BREAKER_FAILURES)
     assert retries["tenacity"] > 0
     assert exactly(
         calls["DeadlineExceeded"], failed["failed: DeadlineExceeded"] + retries["tenacity"]

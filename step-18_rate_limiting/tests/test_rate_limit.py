@@ -180,12 +180,13 @@ async def test_refusals_are_counted_by_method_and_limit(limited):
         _, refused, _ = await hammer(greeter_pb2_grpc.GreeterStub(channel), BURST + 3)
     samples = await scrape(limited.metrics_address)
     labels = {"grpc_service": "greeter.v1.Greeter", "limit": "per_user"}
-    assert value(samples, "greeter_rate_limited_total", grpc_method="SayHello", **labels) == len(
+    assert value(samples, "ratelimit_refused_total", grpc_method="SayHello", **labels) == len(
         refused
     )
-    assert value(samples, "greeter_rate_limited_total", grpc_method="Chat", **labels) == 0
-    assert value(samples, "greeter_rate_limit_decisions_total", store="memory") == BURST + 3
-    assert value(samples, "greeter_rate_limit_decisions_total", store="redis") == 0
+    assert value(samples, "ratelimit_refused_total", grpc_method="Chat", **labels) == 0
+    assert value(samples, "ratelimit_decisions_total", store="memory") == BURST + 3
+    assert value(samples, "ratelimit_decisions_total", store="redis") == 0
+    assert value(samples, "ratelimit_store_up") is None  # no Redis: nothing to be up
     # The RPC metrics see the refusal as any other code (step 08).
     handled = {"grpc_type": "unary", "grpc_service": "greeter.v1.Greeter"}
     assert value(
@@ -236,9 +237,9 @@ async def test_three_replicas_share_a_users_quota_through_redis(redis):
         metrics = [await scrape(p.addresses["metrics"]) for p in services.replicas("greeter")]
     assert 6 <= passed <= 6 + int(seconds * 1) + 1, (passed, seconds)
     for samples in metrics:  # every replica asked Redis, each its share of the calls
-        assert value(samples, "greeter_rate_limit_decisions_total", store="redis") == 10
-        assert value(samples, "greeter_rate_limit_decisions_total", store="memory") == 0
-        assert value(samples, "greeter_rate_limit_store_up") == 1
+        assert value(samples, "ratelimit_decisions_total", store="redis") == 10
+        assert value(samples, "ratelimit_decisions_total", store="memory") == 0
+        assert value(samples, "ratelimit_store_up") == 1
 
 
 async def test_a_redis_that_goes_away_under_load_costs_no_call_and_limits_go_on(
@@ -265,11 +266,11 @@ async def test_a_redis_that_goes_away_under_load_costs_no_call_and_limits_go_on(
                 longest = max(longest, time.monotonic() - started)
 
     async def store_up() -> float | None:
-        return value(await scrape(server.metrics_address), "greeter_rate_limit_store_up")
+        return value(await scrape(server.metrics_address), "ratelimit_store_up")
 
     async def decided_in(where: str) -> float:
         samples = await scrape(server.metrics_address)
-        return value(samples, "greeter_rate_limit_decisions_total", store=where) or 0.0
+        return value(samples, "ratelimit_decisions_total", store=where) or 0.0
 
     callers = [asyncio.create_task(caller(f"user{n}")) for n in range(4)]
     try:
@@ -368,7 +369,7 @@ async def test_a_greeter_the_logger_throttles_comes_back_when_told(start_server,
     ]
     record = {"grpc_service": "logger.v1.Logger", "grpc_method": "Record", "limit": "per_service"}
     logger_samples = await scrape(logger.metrics_address)
-    assert value(logger_samples, "logger_rate_limited_total", **record) >= 1
+    assert value(logger_samples, "ratelimit_refused_total", **record) >= 1
     greeter_samples = await scrape(server.metrics_address)
     assert value(greeter_samples, "greeter_logger_report_retries_total") >= 1
 
