@@ -681,21 +681,27 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
         print(f"  ✗ {err}")
         ok = False
     finally:
-        if prometheus is not None:
-            prometheus.stop()
-        if envoy is not None:  # callers first
-            envoy.stop()
-        if services is not None:
-            for name, code in services.stop().items():
-                print(f"  {name} log:")
-                print(indent(services[name].output), end="")
-                if code != 0:
-                    print(f"  ✗ {name} exited with {code}, expected 0")
-                    ok = False
-        stack.close()
-        workdir.cleanup()
-        if receiver is not None:
-            receiver.stop()
+        # Nested, so that what the tour started is stopped even when printing fails (its
+        # output piped into `head`, which has exited: BrokenPipeError).
+        try:
+            if prometheus is not None:
+                prometheus.stop()
+            if envoy is not None:  # callers first
+                envoy.stop()
+            if services is not None:
+                for name, code in services.stop().items():
+                    print(f"  {name} log:")
+                    print(indent(services[name].output), end="")
+                    if code != 0:
+                        print(f"  ✗ {name} exited with {code}, expected 0")
+                        ok = False
+        finally:
+            if services is not None:
+                services.stop()  # (a second stop does nothing)
+            stack.close()
+            workdir.cleanup()
+            if receiver is not None:
+                receiver.stop()
     print(f"{'✓' if ok else '✗'} step {step.label}", flush=True)
     return ok
 
