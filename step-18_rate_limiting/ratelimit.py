@@ -11,7 +11,7 @@ a second, computed from one timestamp per key (throttled-py's TOKEN_BUCKET refil
 seconds). With a Redis URL every replica shares them (the script runs in Redis, on Redis's
 clock); while Redis is unreachable each replica limits on its own, in memory, and says so
 once: the limit is then looser (a user may get `rate` from each replica), never gone, and
-no call waits for Redis longer than REDIS_TIMEOUT_SECONDS. README, "Rate limits".
+no call waits for Redis longer than REDIS_TIMEOUT_SECONDS. README, "How it works".
 """
 
 import contextlib
@@ -55,11 +55,8 @@ class Buckets:
     until the next one (taking nothing)."""
 
     def __init__(self, quota: Quota, redis_url: str | None, metrics: "LimiterMetrics"):
-        algorithm = {
-            "using": RateLimiterType.GCRA.value,
-            "quota": rate_limiter.per_sec(quota.rate, burst=quota.burst),
-        }
-        self._local = Throttled(**algorithm, store=store.MemoryStore())
+        gcra, per_second = RateLimiterType.GCRA.value, rate_limiter.per_sec(quota.rate, quota.burst)
+        self._local = Throttled(using=gcra, quota=per_second, store=store.MemoryStore())
         self._shared = None
         if redis_url:
             timeouts = {
@@ -67,7 +64,9 @@ class Buckets:
                 "SOCKET_CONNECT_TIMEOUT": REDIS_TIMEOUT_SECONDS,
             }
             self._shared = Throttled(
-                **algorithm, store=store.RedisStore(server=redis_url, options=timeouts)
+                using=gcra,
+                quota=per_second,
+                store=store.RedisStore(server=redis_url, options=timeouts),
             )
         self._redis_url = redis_url
         self._metrics = metrics

@@ -39,7 +39,7 @@ def register_v1_and_v2(greeter: Greeter, server) -> None:
 
 def greeter_service(serve_v2: bool) -> serving.Service:
     """The new release serves v1 and v2; the previous one, v1 only: the same code with
-    GREETER_SERVE_V2=false (README, "Two releases, one code base")."""
+    GREETER_SERVE_V2=false (step 17's README, "Two releases, one code base")."""
     return serving.Service(
         name="greeter",
         descriptors=(GREETER_V1, GREETER_V2) if serve_v2 else (GREETER_V1,),

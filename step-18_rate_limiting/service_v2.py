@@ -1,7 +1,7 @@
 """greeter.v2.GreeterService: the v2 API in front of the same Greeter (service.py). Each
 request is checked and translated into v1's terms, each reply back: both versions validate,
 greet, log and publish events the same way, and v1 stays exactly what it was.
-(README, "Why v2 is a new package".)"""
+(step 17's README, "Why v2 is a new package".)"""
 
 import grpc
 

@@ -165,7 +165,7 @@ class ServerSettings:
         "{SERVICE}_TLS_CLIENT_CA",
         "require mutual TLS: clients need a certificate signed by this CA (PEM)",
     )
-    # Each caller's token bucket (ratelimit.py): README, "Rate limits". The Greeter's
+    # Each caller's token bucket (ratelimit.py): README, "How it works". The Greeter's
     # callers are users; the Logger's are services.
     rate_limit: int = option(
         10,
@@ -213,7 +213,8 @@ class Settings(ServerSettings):
 
     SERVICE: ClassVar[str] = "GREETER"
 
-    # The previous release is this code with v2 off: README, "Two releases, one code base".
+    # The previous release is this code with v2 off: step 17's README,
+    # "Two releases, one code base".
     serve_v2: bool = option(
         True, "GREETER_SERVE_V2", "serve greeter.v2 beside greeter.v1: true or false", parse=yes_no
     )

@@ -257,7 +257,7 @@ async def test_a_canary_that_stops_serving_costs_no_v1_call(releases, envoy_chan
     and keeps serving for its drain delay. Envoy's health check sees it, and the canary's
     share goes to the stable release (the canary cluster's priority 1): v1 callers see
     nothing but another x-served-by. v2 callers, once the canary has gone, get UNAVAILABLE:
-    no other release serves v2. (README, "When the canary is not serving".)"""
+    no other release serves v2. (step 17's README, "When the canary is not serving".)"""
     stub = greeter_pb2_grpc.GreeterStub(envoy_channel)
     v2_stub = v2_grpc.GreeterServiceStub(envoy_channel)
     request = v2.SayHelloRequest(person=v2.Person(given_name="Ada"))
