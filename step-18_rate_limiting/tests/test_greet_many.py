@@ -11,7 +11,7 @@ import pytest
 from drain import MAX_DRAIN_SECONDS
 from greeter.v1 import greeter_pb2_grpc
 from helpers import Request, open_channel, rpc_error
-from service import MAX_GREET_MANY_NAMES, MAX_NAME_LENGTH
+from service import MAX_GREET_MANY_NAMES, MAX_NAME_LENGTH, Greeter
 from tests.support.helpers import eventually, stalling_the_event_loop
 
 
@@ -159,20 +159,39 @@ async def test_a_deadline_mid_stream_ends_the_call_and_says_so(stub, caplog):
     await wait_for_line(caplog, "GreetMany ended by its deadline; names read: 1")
 
 
+class ReadingGreeter(Greeter):
+    """The real Greeter, whose `read_two` is set once its GreetMany has read two names (a
+    client's names may all be sent before the server has started its call)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.read_two = asyncio.Event()
+
+    async def GreetMany(self, request_iterator, context):
+        async def counted():
+            read = 0
+            async for request in request_iterator:
+                read += 1
+                if read == 2:
+                    self.read_two.set()
+                yield request
+
+        return await super().GreetMany(counted(), context)
+
+
 async def test_a_stream_the_shutdown_cuts_gets_no_reply_and_says_so(start_server, caplog):
     caplog.set_level(logging.INFO, logger="greeter.service")
-    server = await start_server(grace=0.5)
-    sent = asyncio.Event()
+    server = await start_server(ReadingGreeter, grace=0.5)
+    greeter = server.servicer
 
     async def names():
         yield Request(name="Ada")
         yield Request(name="Grace")
-        sent.set()  # grpc.aio asks for the next request once the last one is sent
         await until_cancelled()
 
     async with open_channel(server.address) as channel:
         call = greeter_pb2_grpc.GreeterStub(channel).GreetMany(names(), timeout=5)
-        await asyncio.wait_for(sent.wait(), 5)
+        await asyncio.wait_for(greeter.read_two.wait(), 5)
         await server.shut_down()
         # When the grace runs out gRPC's core cancels the calls left and closes the
         # connection: the client sees whichever reaches it first (both seen in CI).
