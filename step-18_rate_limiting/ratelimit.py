@@ -36,8 +36,9 @@ from interceptors import OncePerMethod, wrap_handler
 log = logging.getLogger("ratelimit")
 
 # A Redis that does not answer in this long is treated as down for this call: a greeting
-# never waits on it longer. While it is down, one call a second tries it again.
-REDIS_TIMEOUT_SECONDS = 0.1
+# never waits on it longer (a loaded Redis answers in milliseconds; a quarter of a second
+# is an outage). While it is down, one call a second tries it again.
+REDIS_TIMEOUT_SECONDS = 0.25
 REDIS_RECHECK_SECONDS = 1.0
 # Refusing a client stream waits for the client to stop sending (drain.py); at most this
 # many such waits at once, as for callers without credentials (auth.py).
@@ -70,6 +71,8 @@ class Buckets:
             )
         self._redis_url = redis_url
         self._metrics = metrics
+        self._decided_in_redis = metrics.decisions.labels("redis")
+        self._decided_in_memory = metrics.decisions.labels("memory")
         self._redis_down = False
         self._next_try = 0.0  # while Redis is down: when one call may try it again
 
@@ -81,10 +84,10 @@ class Buckets:
                 self._went_down(error)
             else:
                 self._came_back()
-                self._metrics.decisions.labels("redis").inc()
+                self._decided_in_redis.inc()
                 return result.state.retry_after if result.limited else 0.0
         result = await self._local.limit(key)
-        self._metrics.decisions.labels("memory").inc()
+        self._decided_in_memory.inc()
         return result.state.retry_after if result.limited else 0.0
 
     def _may_try_redis(self) -> bool:

@@ -133,19 +133,25 @@ async def test_one_throttled_user_leaves_everyone_else_their_calls(limited):
 
 
 async def test_a_stream_costs_a_token_when_it_starts(start_server):
+    """Five replies each, one token each: of 6 streams, the burst of 2 (and one for each
+    second they took)."""
     server = await start_server(rate_limit=1, rate_burst=2, stream_interval=0.0)
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
-        for _ in range(2):  # 5 replies each, one token each
-            replies = await messages(stub.StreamGreetings(Request(name="Ada", count=5), timeout=5))
-            assert len(replies) == 5
-        error = await rpc_error(messages(stub.StreamGreetings(Request(name="Ada"), timeout=5)))
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        started, replies = time.monotonic(), []
+        for _ in range(6):
+            try:
+                replies.append(await messages(stub.StreamGreetings(Request(name="Ada", count=5))))
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        seconds = time.monotonic() - started
+    assert 2 <= len(replies) <= 2 + int(seconds), (len(replies), seconds)
+    assert all(len(each) == 5 for each in replies)
 
 
 async def test_greet_many_costs_a_token_and_a_refused_one_is_refused_cleanly(start_server):
     """GreetMany (at most 100 names, one reply) costs one token; a refused one is refused
-    with its status even while its client still writes (drain.py)."""
+    with its status even while its client still writes (drain.py), never INTERNAL."""
     server = await start_server(rate_limit=1, rate_burst=1)
 
     async def names(count: int):
@@ -154,25 +160,36 @@ async def test_greet_many_costs_a_token_and_a_refused_one_is_refused_cleanly(sta
 
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
-        reply = await stub.GreetMany(names(100), timeout=5)
-        assert reply.message.startswith("Hello, Ada0, Ada1")
-        for _ in range(20):
-            error = await rpc_error(stub.GreetMany(names(100), timeout=5))
-            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+        started, greeted, refused = time.monotonic(), 0, 0
+        for _ in range(10):
+            try:
+                reply = await stub.GreetMany(names(100), timeout=5)
+                assert reply.message.startswith("Hello, Ada0, Ada1")
+                greeted += 1
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, error
+                refused += 1
+        seconds = time.monotonic() - started
+    assert 1 <= greeted <= 1 + int(seconds), (greeted, seconds)
+    assert refused == 10 - greeted
 
 
 async def test_a_chat_pays_for_each_message_after_its_first(start_server):
     """A chat may go on for ever: its opening takes a token, and so does each message after
-    the first. With 3 tokens: three messages answered, the fourth ends the chat."""
+    the first. With 3 tokens: three messages answered (and one more for each second the
+    chat took), then the chat ends with the refusal."""
     server = await start_server(rate_limit=1, rate_burst=3)
     async with open_channel(server.address) as channel:
-        chat = greeter_pb2_grpc.GreeterStub(channel).Chat(timeout=5)
-        for name in ("Ada", "Grace", "Alan"):
-            assert await say(chat, name) == f"Hello, {name}!"
-        await chat.write(Request(name="Edsger"))
-        error = await rpc_error(chat.read())
-    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert error.details().startswith("rate limit of user ada (1 call a second, 3 at once)")
+        chat = greeter_pb2_grpc.GreeterStub(channel).Chat(timeout=10)
+        started, answered = time.monotonic(), 0
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            for number in range(10):
+                assert await say(chat, f"Ada{number}") == f"Hello, Ada{number}!"
+                answered += 1
+        seconds = time.monotonic() - started
+    assert 3 <= answered <= 3 + int(seconds), (answered, seconds)
+    assert ended.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert ended.value.details().startswith("rate limit of user ada (1 call a second, 3 at once)")
 
 
 async def test_refusals_are_counted_by_method_and_limit(limited):
@@ -287,7 +304,7 @@ async def test_a_redis_that_goes_away_under_load_costs_no_call_and_limits_go_on(
         stop.set()
         await asyncio.gather(*callers)
     assert failures == []
-    assert longest < 2, f"a call took {longest:.2f} s"  # generous: Redis's timeout is 0.1 s
+    assert longest < 2, f"a call took {longest:.2f} s"  # generous: Redis's timeout is 0.25 s
     lines = [r.getMessage() for r in caplog.records if r.name == "ratelimit"]
     assert len(lines) == 2, lines
     assert lines[0].startswith(f"rate limits: Redis at {redis.url} is unreachable (")
@@ -339,15 +356,14 @@ async def test_the_client_says_in_one_line_when_to_come_back():
 
 
 def test_spread_comes_back_when_retry_info_says():
-    """Six calls at 2 a second from a bucket of 1: at least 2.5 s apart, or refused. (Calls
-    that slow on their own would take over 400 ms each.)"""
-    with ServerProcess(
-        STEP_DIR, env={"GREETER_RATE_LIMIT": "2", "GREETER_RATE_BURST": "1"}
-    ) as server:
-        spread = run_client("spread", "--name", "Ada", "--calls", "6", "--target", server.address)
+    """Twelve calls at 4 a second from a bucket of 1: at least 2.75 s apart, or refused.
+    (Calls that slow on their own would take a quarter of a second each.)"""
+    limits = {"GREETER_RATE_LIMIT": "4", "GREETER_RATE_BURST": "1"}
+    with ServerProcess(STEP_DIR, env=limits) as server:
+        spread = run_client("spread", "--name", "Ada", "--calls", "12", "--target", server.address)
     assert spread.returncode == 0, spread.stderr
     *_, total, throttled = spread.stdout.splitlines()
-    assert total == "6 calls over 1 replicas"
+    assert total == "12 calls over 1 replicas"
     assert re.fullmatch(
         r"rate-limited \d+ times: waited \d+\.\d s in all, as RetryInfo said", throttled
     ), throttled
@@ -355,9 +371,9 @@ def test_spread_comes_back_when_retry_info_says():
 
 async def test_a_greeter_the_logger_throttles_comes_back_when_told(start_server, start_logger):
     """The Logger's limit is per calling service. A second report right after the first is
-    refused with a RetryInfo of a tenth of a second: the Greeter waits that long and tries
-    again (retries.py), and both greetings are logged."""
-    logger = await start_logger(rate_limit=10, rate_burst=1)
+    refused with a RetryInfo of up to a second: the Greeter waits that long and tries again
+    (retries.py), and both greetings are logged."""
+    logger = await start_logger(rate_limit=1, rate_burst=1)
     server = await start_server(logger_target=logger.address, logger_timeout=3.0)
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
@@ -368,28 +384,31 @@ async def test_a_greeter_the_logger_throttles_comes_back_when_told(start_server,
         ["Grace"],
     ]
     record = {"grpc_service": "logger.v1.Logger", "grpc_method": "Record", "limit": "per_service"}
-    logger_samples = await scrape(logger.metrics_address)
-    assert value(logger_samples, "ratelimit_refused_total", **record) >= 1
-    greeter_samples = await scrape(server.metrics_address)
-    assert value(greeter_samples, "greeter_logger_report_retries_total") >= 1
+    assert value(await scrape(logger.metrics_address), "ratelimit_refused_total", **record) == 1
+    samples = await scrape(server.metrics_address)
+    assert value(samples, "greeter_logger_report_retries_total") == 1
+    assert value(samples, "greeter_unlogged_greetings_total", grpc_code="ResourceExhausted") == 0
 
 
 async def test_a_throttled_greeter_does_not_open_its_breaker(start_server, start_logger, caplog):
     """The Logger lets the Greeter record one greeting a second, and the Greeter greets ten
-    at once: nine reports are refused, each with a RetryInfo longer than the report may
-    wait. They are lost and counted, but the Logger works: the breaker (two failures open
-    it) stays closed, and the Logger still gets every report it has room for."""
+    in a row: all but the first are refused (and one more for each second they took), each
+    with a RetryInfo longer than the report may wait. They are lost and counted, but the
+    Logger works: the breaker (two failures open it) stays closed, and the Logger still
+    gets every report it has room for."""
     logger = await start_logger(rate_limit=1, rate_burst=1)
     server = await start_server(
         logger_target=logger.address, logger_timeout=0.5, logger_breaker_failures=2
     )
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
+        started = time.monotonic()
         for _ in range(10):
             assert (await stub.SayHello(Request(name="Ada"), timeout=5)).message == "Hello, Ada!"
+        seconds = time.monotonic() - started
     samples = await scrape(server.metrics_address)
     unlogged = value(samples, "greeter_unlogged_greetings_total", grpc_code="ResourceExhausted")
-    assert 8 <= unlogged <= 9, unlogged  # (a second may pass: one more token)
+    assert 9 - int(seconds) <= unlogged <= 9, (unlogged, seconds)
     assert value(samples, "greeter_logger_breaker_state") == 0
     assert value(samples, "greeter_logger_breaker_skipped_total") == 0
     assert not [r for r in caplog.records if r.name == "greeter.breaker"]
