@@ -259,8 +259,9 @@ def step_servers(step: Step, workdir: Path, shared_limits: bool = False):
         limited = (step.path / "ratelimit.py").exists()
         if limited:
             env |= UNREACHED_LIMITS
-        if shared_limits:
-            env["GREETER_RATE_LIMIT_REDIS"] = stack.enter_context(RedisServer()).url
+        redis = stack.enter_context(RedisServer()) if shared_limits else None
+        if redis is not None:
+            env["GREETER_RATE_LIMIT_REDIS"] = redis.url
         if (step.path / "deploy" / "envoy.yaml").exists():
             replicas = {"greeter": 3}
             replica_env = RELEASES
@@ -269,6 +270,8 @@ def step_servers(step: Step, workdir: Path, shared_limits: bool = False):
         )
         pids = [p.process.pid for p in services.processes.values()]
         names = list(services.processes)
+        if redis is not None and redis.process is not None:  # its CPU is the limits' too
+            pids, names = [*pids, redis.process.pid], [*names, "redis"]
         target = services["greeter"].address
         if replicas:
             upstreams = {name: services[name].address for name in RELEASES}
@@ -633,7 +636,7 @@ def run_bench(args: argparse.Namespace, about: str, variants: dict) -> int:
         f"# What each step costs per call\n\n"
         f"Measured by `make bench` on {date}: {about}.\n\n"
         f"{load} "
-        f"CPU time: every process of the variant (Greeters, Logger, Envoy), per `SayHello` "
+        f"CPU time: every process of the variant (Greeters, Logger, Envoy, Redis), per `SayHello` "
         f"call. {args.rounds} round(s), variants alternated within each (every other round in "
         f"reverse order), {args.seconds:g} s "
         f"measured after {args.warmup:g} s of warm-up per run; medians, with the spread over "
