@@ -1,5 +1,7 @@
 """What each step's features cost per call: every step's servers, with what the step needs
 beside them, under the same unary load, side by side with step 01 and a bare grpc.aio server.
+From step 18 on a step runs twice: its rate limits in each process ("18"), and shared
+through Redis ("18+redis"), as compose runs it.
 
     python tools/bench.py [NN ...] [--rounds 3] [--seconds 3] [--out bench]   (make bench)
     python tools/bench.py NN ... --against REV    (each step also as it is at git REV)
@@ -43,6 +45,7 @@ from tools.broker import KafkaBroker
 from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
 from tools.processes import ServerProcess, StepServices, demo_environment, run_tool, until_stopped
+from tools.redis import RedisServer
 from tools.steps import ROOT, Step, find_step, select_steps
 
 CONCURRENCY = (16, 64)
@@ -217,9 +220,25 @@ def bare_server():
         yield Running(process.address, [process.process.pid], names=["bare"])
 
 
+# From step 18 on every caller has a rate limit. The load generator is one user calling as
+# fast as it can: limits it never reaches, so every call pays for its token and none is
+# refused (a refusal costs less than a greeting, and would flatter the figures).
+UNREACHED_LIMITS = {
+    f"{service}_{name}": "1000000"
+    for service in ("GREETER", "LOGGER")
+    for name in ("RATE_LIMIT", "RATE_BURST")
+}
+UNREACHED_EDGE_BUCKET = {
+    "max_tokens": 1_000_000,
+    "tokens_per_fill": 1_000_000,
+    "fill_interval": "1s",
+}
+
+
 @contextlib.contextmanager
-def step_servers(step: Step, workdir: Path):
-    """The step's processes as its README runs them, and what they need beside them."""
+def step_servers(step: Step, workdir: Path, shared_limits: bool = False):
+    """The step's processes as its README runs them, and what they need beside them; with
+    `shared_limits` (step 18 on), the rate limits in Redis rather than in each process."""
     env = demo_environment(step.path, workdir)
     # Everything else as a learner runs it (the log at INFO: from step 04 on, a line per
     # call), but streams without a pause between replies: the bench measures the server,
@@ -237,6 +256,12 @@ def step_servers(step: Step, workdir: Path):
         if step.number >= 16:
             broker = stack.enter_context(KafkaBroker())
             env |= {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap, "LOGGER_EVENTS_ASSIGNMENT": "all"}
+        limited = (step.path / "ratelimit.py").exists()
+        if limited:
+            env |= UNREACHED_LIMITS
+        redis = stack.enter_context(RedisServer()) if shared_limits else None
+        if redis is not None:
+            env["GREETER_RATE_LIMIT_REDIS"] = redis.url
         if (step.path / "deploy" / "envoy.yaml").exists():
             replicas = {"greeter": 3}
             replica_env = RELEASES
@@ -245,10 +270,15 @@ def step_servers(step: Step, workdir: Path):
         )
         pids = [p.process.pid for p in services.processes.values()]
         names = list(services.processes)
+        if redis is not None and redis.process is not None:  # its CPU is the limits' too
+            pids, names = [*pids, redis.process.pid], [*names, "redis"]
         target = services["greeter"].address
         if replicas:
             upstreams = {name: services[name].address for name in RELEASES}
-            envoy = stack.enter_context(EnvoyProcess(step.path, workdir / "certs", upstreams))
+            bucket = UNREACHED_EDGE_BUCKET if limited else None
+            envoy = stack.enter_context(
+                EnvoyProcess(step.path, workdir / "certs", upstreams, user_bucket=bucket)
+            )
             target, pids, names = envoy.address, [*pids, envoy.process.pid], [*names, "envoy"]
         yield Running(
             target,
@@ -572,6 +602,11 @@ def variants_of(steps: list[Step], before: Path | None, revision: str | None) ->
                 lambda workdir, old=old: step_servers(old, workdir),
             )
         variants[step.label] = (step.number, lambda workdir, s=step: step_servers(s, workdir))
+        if (step.path / "ratelimit.py").exists():  # the limits shared, as compose runs them
+            variants[f"{step.label}+redis"] = (
+                step.number,
+                lambda workdir, s=step: step_servers(s, workdir, shared_limits=True),
+            )
     return variants
 
 
@@ -601,7 +636,7 @@ def run_bench(args: argparse.Namespace, about: str, variants: dict) -> int:
         f"# What each step costs per call\n\n"
         f"Measured by `make bench` on {date}: {about}.\n\n"
         f"{load} "
-        f"CPU time: every process of the variant (Greeters, Logger, Envoy), per `SayHello` "
+        f"CPU time: every process of the variant (Greeters, Logger, Envoy, Redis), per `SayHello` "
         f"call. {args.rounds} round(s), variants alternated within each (every other round in "
         f"reverse order), {args.seconds:g} s "
         f"measured after {args.warmup:g} s of warm-up per run; medians, with the spread over "

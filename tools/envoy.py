@@ -77,10 +77,31 @@ def local_config(config: dict, upstreams: dict[str, str], port: int, admin_port:
     return config
 
 
+def with_user_bucket(config: dict, bucket: dict) -> dict:
+    """`config` with `bucket` as the token bucket of each user at the edge (the
+    local_ratelimit filter's descriptors, step 18 on); a config without one is refused."""
+    buckets = [
+        descriptor
+        for listener in config["static_resources"]["listeners"]
+        for chain in listener["filter_chains"]
+        for network_filter in chain["filters"]
+        for http_filter in network_filter["typed_config"].get("http_filters", [])
+        if http_filter["name"] == "envoy.filters.http.local_ratelimit"
+        for descriptor in http_filter["typed_config"]["descriptors"]
+    ]
+    if not buckets:
+        raise ValueError("this config has no per-user rate limit")
+    for descriptor in buckets:
+        descriptor["token_bucket"] = bucket
+    return config
+
+
 class EnvoyProcess:
     """`envoy` with the step's deploy/envoy.yaml (local_config), run from a directory whose
     certs/ is `certs_dir`, as the config's relative paths expect. Ready once its admin says
-    LIVE and every upstream of every cluster has passed a health check."""
+    LIVE and every upstream of every cluster has passed a health check. `user_bucket`
+    replaces each user's token bucket at the edge (step 18 on), as Envoy spells one:
+    {"max_tokens": 40, "tokens_per_fill": 20, "fill_interval": "1s"}."""
 
     def __init__(
         self,
@@ -90,6 +111,7 @@ class EnvoyProcess:
         port: int = 0,
         admin_port: int = 0,
         ready_timeout: float = 20.0,
+        user_bucket: dict | None = None,
     ):
         self._final_log: str | None = None  # its output once stopped
         self._names = {address: name for name, address in upstreams.items()}
@@ -100,6 +122,8 @@ class EnvoyProcess:
         self.address = f"127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{self.admin_port}"
         local = local_config(config, upstreams, self.port, self.admin_port)
+        if user_bucket is not None:  # step 18 on: each user's bucket at the edge
+            local = with_user_bucket(local, user_bucket)
         # Each cluster's upstreams: Envoy resolves their names one by one, so a cluster may
         # list some before the others (and one address given twice is one upstream).
         self.upstream_counts = {

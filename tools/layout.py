@@ -51,7 +51,8 @@ PURPOSE = {
     "service_v2.py": "`greeter.v2.GreeterService`, served through the v1 Greeter",
     "protos/greeter/v2/greeter.proto": "the API's version 2: `greeter.v2.GreeterService`",
     "buf.yaml": "buf's lint and breaking-change rules for `protos/`",
-    "deploy/envoy.yaml": "Envoy: the canary split, health checks and retries",
+    "deploy/envoy.yaml": "Envoy in front of the Greeters: routes, health checks, retries, limits",
+    "ratelimit.py": "rate limits per caller: token buckets, shared through Redis, and the refusal",
     "tests/conftest.py": "the tests' fixtures: servers, channels, stand-in services",
     "tests/helpers.py": "what the tests call besides fixtures",
 }

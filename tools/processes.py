@@ -107,6 +107,9 @@ def require_free_port(port: int, what: str, option: str = "--port") -> None:
     a program started there would fail, or (Tansu, Envoy) seem to start while its callers
     reach the other one."""
     with socket.socket() as sock:
+        # As servers bind: connections of a program just stopped, still in TIME_WAIT, do
+        # not make the port taken (a restarted Redis or broker binds it all the same).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:

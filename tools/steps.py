@@ -26,6 +26,7 @@ STEP_NAMES = [
     "step-15_grafana",
     "step-16_kafka_async",
     "step-17_versioned_canary",
+    "step-18_rate_limiting",
 ]
 
 

@@ -28,6 +28,7 @@ from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver
 from tools.processes import StepServices, demo_environment, free_port, run_script, run_tool
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
+from tools.redis import RedisServer
 from tools.steps import ROOT, Step, select_steps
 
 # The /metrics port each service has in deploy/prometheus.yml (the tour's servers use others).
@@ -77,6 +78,8 @@ class TourEntry:
     prometheus: bool = False
     # A real Kafka-protocol broker (tools/broker.py) for the services (KAFKA_BOOTSTRAP_SERVERS).
     broker: bool = False
+    # A real Redis (tools/redis.py) where the Greeters share their rate limits (step 18 on).
+    redis: bool = False
 
 
 def demo(
@@ -103,6 +106,11 @@ def metrics(prefix: str, service: str = "greeter", until: str = "") -> Demo:
 def broker(action: str) -> Demo:
     """ "stop" or "start" the tour's Kafka-protocol broker (an entry with broker=True)."""
     return Demo(args=(action,), program="broker")
+
+
+def redis(action: str) -> Demo:
+    """ "stop" or "start" the tour's Redis (an entry with redis=True)."""
+    return Demo(args=(action,), program="redis")
 
 
 def last_trace() -> Demo:
@@ -387,6 +395,27 @@ TOUR: dict[int, TourEntry] = {
             ),
         ),
     ),
+    18: TourEntry(
+        title="Rate limits per user and per service",
+        adds="a token bucket per user (throttled-py's GCRA) shared by every replica through Redis; over it, RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure; the Logger limits each calling service; Envoy limits each user at the edge",
+        shows="as RetryInfo said",
+        broker=True,
+        redis=True,
+        replicas=(("greeter", 3),),
+        envoy=True,  # as in step 17 (make up starts it too): the edge's own limit per user
+        # Small enough to reach by hand: 2 calls a second, 5 at once, per user.
+        server_env=(("GREETER_RATE_LIMIT", "2"), ("GREETER_RATE_BURST", "5")),
+        demos=(
+            # Three replicas, one bucket: alone, each would let 5 through at once.
+            demo("spread", "--name", "Ada", "--calls", "12", "--user-id", "ada"),
+            demo("hello", "--name", "Grace", "--user-id", "grace"),  # her own bucket
+            metrics("ratelimit_"),
+            redis("stop"),
+            demo("spread", "--name", "Alan", "--calls", "3", "--user-id", "alan"),
+            metrics("ratelimit_decisions", until='store="memory"'),
+            redis("start"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -545,6 +574,7 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
     receiver = OtlpReceiver() if entry.traces else None
     prometheus: PrometheusProcess | None = None
     kafka: KafkaBroker | None = None
+    shared_limits: RedisServer | None = None
     envoy: EnvoyProcess | None = None
     stack = contextlib.ExitStack()  # the broker, stopped after the services
     try:
@@ -561,6 +591,12 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 f"$ python tools/broker.py --port {kafka.port}   # Tansu, a Kafka-protocol broker"
             )
             env |= {"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap, "LOGGER_EVENTS_ASSIGNMENT": "all"}
+        if entry.redis:
+            shared_limits = stack.enter_context(RedisServer())
+            print(
+                f"$ python tools/redis.py --port {shared_limits.port}   # where limits are shared"
+            )
+            env["GREETER_RATE_LIMIT_REDIS"] = shared_limits.url
         services = StepServices(
             step.path,
             env | dict(entry.server_env),
@@ -617,9 +653,9 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             elif d.program == "metrics":
                 prefix, service, until = args
                 result = show_metrics(services[service].addresses["metrics"], prefix, until)
-            elif d.program == "broker":
-                print(f"$ # the broker {args[0]}s", flush=True)
-                getattr(kafka, args[0])()
+            elif d.program in ("broker", "redis"):
+                print(f"$ # the {d.program} {args[0]}s", flush=True)
+                getattr(kafka if d.program == "broker" else shared_limits, args[0])()
                 result = subprocess.CompletedProcess(args, 0, "", "")
             elif d.program == "promql":
                 result = ask_prometheus(step, greeter.addresses["metrics"], args[0])
@@ -645,21 +681,27 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
         print(f"  ✗ {err}")
         ok = False
     finally:
-        if prometheus is not None:
-            prometheus.stop()
-        if envoy is not None:  # callers first
-            envoy.stop()
-        if services is not None:
-            for name, code in services.stop().items():
-                print(f"  {name} log:")
-                print(indent(services[name].output), end="")
-                if code != 0:
-                    print(f"  ✗ {name} exited with {code}, expected 0")
-                    ok = False
-        stack.close()
-        workdir.cleanup()
-        if receiver is not None:
-            receiver.stop()
+        # Nested, so that what the tour started is stopped even when printing fails (its
+        # output piped into `head`, which has exited: BrokenPipeError).
+        try:
+            if prometheus is not None:
+                prometheus.stop()
+            if envoy is not None:  # callers first
+                envoy.stop()
+            if services is not None:
+                for name, code in services.stop().items():
+                    print(f"  {name} log:")
+                    print(indent(services[name].output), end="")
+                    if code != 0:
+                        print(f"  ✗ {name} exited with {code}, expected 0")
+                        ok = False
+        finally:
+            if services is not None:
+                services.stop()  # (a second stop does nothing)
+            stack.close()
+            workdir.cleanup()
+            if receiver is not None:
+                receiver.stop()
     print(f"{'✓' if ok else '✗'} step {step.label}", flush=True)
     return ok
 

@@ -27,6 +27,7 @@ from tools.envoy import RELEASES, EnvoyProcess
 from tools.otlp_receiver import OtlpReceiver, print_traces
 from tools.processes import StepServices, ToolError, demo_environment, run_tool, until_stopped
 from tools.prometheus import INSTALL_HINT, PrometheusProcess
+from tools.redis import RedisServer
 from tools.steps import Step, find_step
 from tools.tour import METRICS_PORTS, TOUR
 
@@ -94,6 +95,10 @@ def bring_up(
             f"  broker      {broker.bootstrap} (Tansu, its log in S3): Enter stops it and "
             "starts it again"
         )
+    if entry.redis:
+        redis = stack.enter_context(RedisServer())
+        env["GREETER_RATE_LIMIT_REDIS"] = redis.url
+        shown.append(f"  redis       {redis.url}: the Greeters share their rate limits there")
     logs = workdir / "logs"
     logs.mkdir()
     services = stack.enter_context(
