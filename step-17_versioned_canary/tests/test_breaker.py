@@ -207,8 +207,10 @@ async def test_each_change_of_state_is_one_line_with_its_figures(
 
 
 async def test_while_closed_concurrent_greetings_all_reach_the_logger(start_server, start_logger):
-    """Only a half-open breaker holds greetings back while its one trial call is out."""
-    server, logger = await start_pair(start_server, start_logger, reset=60)
+    """Only a half-open breaker holds greetings back while its one trial call is out. (The
+    reports wait at the gate: each attempt gets 10 s, not the default third of 0.5 s, which
+    a loaded machine spent before all ten had arrived, and the breaker opened.)"""
+    server, logger = await start_pair(start_server, start_logger, reset=60, logger_timeout=30.0)
     logger.servicer.gate.clear()  # every Record waits at the Logger
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
