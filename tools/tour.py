@@ -411,7 +411,18 @@ TOUR: dict[int, TourEntry] = {
             demo("hello", "--name", "Grace", "--user-id", "grace"),  # her own bucket
             metrics("ratelimit_"),
             redis("stop"),
-            demo("spread", "--name", "Alan", "--calls", "3", "--user-id", "alan"),
+            # To the first replica, whose metrics follow: a new channel may send all three
+            # to any one replica.
+            demo(
+                "spread",
+                "--name",
+                "Alan",
+                "--calls",
+                "3",
+                "--user-id",
+                "alan",
+                target="{replica:greeter}",
+            ),
             metrics("ratelimit_decisions", until='store="memory"'),
             redis("start"),
         ),
