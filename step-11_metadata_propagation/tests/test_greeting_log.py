@@ -128,7 +128,9 @@ async def test_streams_and_chats_cancelled_after_a_reply_are_still_reported(star
 
 async def test_one_channel_carries_every_call_to_the_logger(start_server, caplog):
     caplog.set_level(logging.INFO, logger="logger.rpc")
-    server = await start_server()
+    # Time enough for every report on a loaded machine: this test is about the channel, not
+    # about the Logger's deadline.
+    server = await start_server(logger_timeout=30.0)
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         await asyncio.gather(*(stub.SayHello(Request(name="Ada"), timeout=5) for _ in range(20)))

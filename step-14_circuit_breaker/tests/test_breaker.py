@@ -130,9 +130,11 @@ async def test_a_restarted_logger_closes_the_breaker_after_one_trial_call(
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         await logger.shut_down()
-        for _ in range(FAILURES):
+        for _ in range(FAILURES - 1):
             await greet(stub)
+        # The last failure opens the breaker: no sooner than this greeting starts.
         opened_at = time.monotonic()
+        await greet(stub)
         restarted = await start_logger(SwitchableLogger, port=port)  # back at the same address
 
         async def breaker_closed() -> bool:

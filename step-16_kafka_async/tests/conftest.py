@@ -69,11 +69,19 @@ def kafka():
         yield session_broker
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server, started once: its start costs 2-3 s of CPU. Only the brokers the
+    tests restart use it, each in a bucket of its own, one test at a time."""
+    with S3Server() as server:
+        yield server
+
+
 @pytest.fixture
-def broker():
-    """A broker of the test's own that keeps its log in S3, on an S3 server (moto) of its
-    own, so that nothing else slows it: `broker.stop()`, `broker.start()`."""
-    with S3Server() as s3, KafkaBroker(s3) as own:
+def broker(s3):
+    """A broker of the test's own that keeps its log in S3, so that it can be stopped and
+    started again with its log: `broker.stop()`, `broker.start()`."""
+    with KafkaBroker(s3) as own:
         yield own
 
 
