@@ -3,8 +3,8 @@
     python tools/run_tests.py [NN]      (make test [STEP=NN])
 
 Steps share module names (server, service, greeter.v1...), so one process cannot import two
-steps: each gets its own, and two more than the CPU cores run at once (`--jobs`), the
-latest (and longest) steps first. The repo-level tests (tests/) are one more run among them,
+steps: each gets its own, and three more than the CPU cores run at once (`--jobs`: a suite
+waits for servers, brokers and deadlines about 40% of its time), the latest (and longest) steps first. The repo-level tests (tests/) are one more run among them,
 in a full run only.
 Prints a line per run as it finishes, then the output of every failed run, a summary
 table and the slowest tests; exits 1 if anything failed. With CI=true a skipped test counts as a failure: CI must
@@ -175,8 +175,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=(os.cpu_count() or 1) + 2,
-        help="test runs at once (default: two more than the CPU cores)",
+        default=(os.cpu_count() or 1) + 3,
+        help="test runs at once (default: three more than the CPU cores)",
     )
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

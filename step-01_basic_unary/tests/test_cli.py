@@ -9,13 +9,13 @@ from helpers import STEP_DIR, run_client
 from tests.support.helpers import closed_port, silent_port
 
 
-def test_client_prints_the_reply(server_process):
-    result = run_client("hello", "--name", "Ada", "--target", server_process.address)
+def test_client_prints_the_reply(shared_server_process):
+    result = run_client("hello", "--name", "Ada", "--target", shared_server_process.address)
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
 
 
-def test_client_reports_an_rpc_error_in_one_line(server_process):
-    result = run_client("hello", "--name", "", "--target", server_process.address)
+def test_client_reports_an_rpc_error_in_one_line(shared_server_process):
+    result = run_client("hello", "--name", "", "--target", shared_server_process.address)
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
@@ -38,8 +38,10 @@ def test_client_gives_up_on_a_stuck_server_at_its_deadline():
     assert result.stderr.startswith("error: DEADLINE_EXCEEDED: ")
 
 
-def test_client_uses_the_target_from_the_environment(server_process):
-    result = run_client("hello", "--name", "Ada", env={"GREETER_TARGET": server_process.address})
+def test_client_uses_the_target_from_the_environment(shared_server_process):
+    result = run_client(
+        "hello", "--name", "Ada", env={"GREETER_TARGET": shared_server_process.address}
+    )
     assert result.stdout == "Hello, Ada!\n"
 
 

@@ -10,13 +10,13 @@ from tests.support.helpers import closed_port, silent_port
 from tools.processes import ServerProcess
 
 
-def test_client_prints_the_reply(server_process):
-    result = run_client("hello", "--name", "Ada", "--target", server_process.address)
+def test_client_prints_the_reply(shared_server_process):
+    result = run_client("hello", "--name", "Ada", "--target", shared_server_process.address)
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
 
 
-def test_client_reports_an_rpc_error_in_one_line(server_process):
-    result = run_client("hello", "--name", "", "--target", server_process.address)
+def test_client_reports_an_rpc_error_in_one_line(shared_server_process):
+    result = run_client("hello", "--name", "", "--target", shared_server_process.address)
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
@@ -52,17 +52,19 @@ def test_client_prints_stream_replies_as_they_arrive():
     assert (client.returncode, errors) == (0, "")
 
 
-def test_client_reports_a_stream_error_in_one_line(server_process):
+def test_client_reports_a_stream_error_in_one_line(shared_server_process):
     result = run_client(
-        "stream", "--name", "Ada", "--count", "11", "--target", server_process.address
+        "stream", "--name", "Ada", "--count", "11", "--target", shared_server_process.address
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: count must be between 1 and 10")
     assert result.stderr.count("\n") == 1
 
 
-def test_client_uses_the_target_from_the_environment(server_process):
-    result = run_client("hello", "--name", "Ada", env={"GREETER_TARGET": server_process.address})
+def test_client_uses_the_target_from_the_environment(shared_server_process):
+    result = run_client(
+        "hello", "--name", "Ada", env={"GREETER_TARGET": shared_server_process.address}
+    )
     assert result.stdout == "Hello, Ada!\n"
 
 

@@ -11,13 +11,13 @@ from tests.support.helpers import closed_port, silent_port
 from tools.processes import ServerProcess
 
 
-def test_client_prints_the_reply(server_process):
-    result = run_client("hello", "--name", "Ada", "--target", server_process.address)
+def test_client_prints_the_reply(shared_server_process):
+    result = run_client("hello", "--name", "Ada", "--target", shared_server_process.address)
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada!\n", "")
 
 
-def test_client_reports_an_rpc_error_in_one_line(server_process):
-    result = run_client("hello", "--name", "", "--target", server_process.address)
+def test_client_reports_an_rpc_error_in_one_line(shared_server_process):
+    result = run_client("hello", "--name", "", "--target", shared_server_process.address)
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
@@ -53,16 +53,16 @@ def test_client_prints_stream_replies_as_they_arrive():
     assert (client.returncode, errors) == (0, "")
 
 
-def test_client_reports_a_stream_error_in_one_line(server_process):
+def test_client_reports_a_stream_error_in_one_line(shared_server_process):
     result = run_client(
-        "stream", "--name", "Ada", "--count", "11", "--target", server_process.address
+        "stream", "--name", "Ada", "--count", "11", "--target", shared_server_process.address
     )
     assert result.returncode == 1
     assert result.stderr.startswith("error: INVALID_ARGUMENT: count must be between 1 and 10")
     assert result.stderr.count("\n") == 1
 
 
-def test_client_greets_many_names_in_one_reply(server_process):
+def test_client_greets_many_names_in_one_reply(shared_server_process):
     result = run_client(
         "many",
         "--name",
@@ -72,7 +72,7 @@ def test_client_greets_many_names_in_one_reply(server_process):
         "--name",
         "Alan",
         "--target",
-        server_process.address,
+        shared_server_process.address,
     )
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
@@ -81,41 +81,41 @@ def test_client_greets_many_names_in_one_reply(server_process):
     )
 
 
-def test_client_sends_many_names_line_by_line_from_stdin(server_process):
-    result = run_client("many", "--target", server_process.address, input="Ada\n\nGrace\n")
+def test_client_sends_many_names_line_by_line_from_stdin(shared_server_process):
+    result = run_client("many", "--target", shared_server_process.address, input="Ada\n\nGrace\n")
     assert (result.returncode, result.stdout, result.stderr) == (0, "Hello, Ada and Grace!\n", "")
 
 
 @pytest.mark.parametrize("command", ["many", "chat"])
-def test_client_reads_names_from_a_file_on_stdin(server_process, tmp_path, command):
+def test_client_reads_names_from_a_file_on_stdin(shared_server_process, tmp_path, command):
     """`python client.py many < names.txt`: a file is not a pipe (the event loop cannot watch
     it), and /dev/null ends at once."""
     names = tmp_path / "names.txt"
     names.write_text("Ada\n\nGrace\n")
     with names.open() as stdin:
-        result = run_client(command, "--target", server_process.address, stdin=stdin)
+        result = run_client(command, "--target", shared_server_process.address, stdin=stdin)
     replies = {"many": "Hello, Ada and Grace!\n", "chat": "Hello, Ada!\nHello, Grace!\n"}
     assert (result.returncode, result.stdout, result.stderr) == (0, replies[command], "")
     with open(os.devnull) as nothing:
-        result = run_client(command, "--target", server_process.address, stdin=nothing)
+        result = run_client(command, "--target", shared_server_process.address, stdin=nothing)
     if command == "many":  # no name at all: the server says what to do
         assert result.stderr.startswith("error: INVALID_ARGUMENT: GreetMany needs at least one")
     else:  # a chat without messages ends cleanly
         assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-def test_client_reports_a_refused_name_of_many_in_one_line(server_process):
+def test_client_reports_a_refused_name_of_many_in_one_line(shared_server_process):
     names = ["Ada", "", *[f"guest {number}" for number in range(50)]]
     result = run_client(
-        "many", *[f"--name={name}" for name in names], "--target", server_process.address
+        "many", *[f"--name={name}" for name in names], "--target", shared_server_process.address
     )
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == "error: INVALID_ARGUMENT: name must not be empty\n"
 
 
-def test_client_chats_with_each_message_option(server_process):
+def test_client_chats_with_each_message_option(shared_server_process):
     result = run_client(
-        "chat", "--message", "Ada", "--message", "Grace", "--target", server_process.address
+        "chat", "--message", "Ada", "--message", "Grace", "--target", shared_server_process.address
     )
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
@@ -124,8 +124,8 @@ def test_client_chats_with_each_message_option(server_process):
     )
 
 
-def test_client_chats_line_by_line_from_stdin(server_process):
-    result = run_client("chat", "--target", server_process.address, input="Ada\n\nGrace\n")
+def test_client_chats_line_by_line_from_stdin(shared_server_process):
+    result = run_client("chat", "--target", shared_server_process.address, input="Ada\n\nGrace\n")
     assert (result.returncode, result.stdout, result.stderr) == (
         0,
         "Hello, Ada!\nHello, Grace!\n",
@@ -133,7 +133,7 @@ def test_client_chats_line_by_line_from_stdin(server_process):
     )
 
 
-def test_client_reports_a_chat_error_in_one_line(server_process):
+def test_client_reports_a_chat_error_in_one_line(shared_server_process):
     result = run_client(
         "chat",
         "--message",
@@ -143,7 +143,7 @@ def test_client_reports_a_chat_error_in_one_line(server_process):
         "--message",
         "Grace",
         "--target",
-        server_process.address,
+        shared_server_process.address,
     )
     assert result.returncode == 1
     assert result.stdout == "Hello, Ada!\n"
@@ -152,8 +152,10 @@ def test_client_reports_a_chat_error_in_one_line(server_process):
     )
 
 
-def test_client_uses_the_target_from_the_environment(server_process):
-    result = run_client("hello", "--name", "Ada", env={"GREETER_TARGET": server_process.address})
+def test_client_uses_the_target_from_the_environment(shared_server_process):
+    result = run_client(
+        "hello", "--name", "Ada", env={"GREETER_TARGET": shared_server_process.address}
+    )
     assert result.stdout == "Hello, Ada!\n"
 
 

@@ -323,9 +323,14 @@ def test_client_refuses_a_user_id_it_cannot_send():
     assert result.stderr == "error: invalid x-user-id: 1 to 64 printable ASCII characters\n"
 
 
-def test_client_without_a_token_gets_one_clear_line(server_process):
+def test_client_without_a_token_gets_one_clear_line(shared_server_process):
     result = run_client(
-        "hello", "--name", "Ada", "--target", server_process.address, env={"GREETER_AUTH_TOKEN": ""}
+        "hello",
+        "--name",
+        "Ada",
+        "--target",
+        shared_server_process.address,
+        env={"GREETER_AUTH_TOKEN": ""},
     )
     assert result.returncode == 1
     assert result.stderr == (
@@ -333,13 +338,13 @@ def test_client_without_a_token_gets_one_clear_line(server_process):
     )
 
 
-def test_client_with_a_wrong_token_is_told_which_variable_to_check(server_process):
+def test_client_with_a_wrong_token_is_told_which_variable_to_check(shared_server_process):
     result = run_client(
         "hello",
         "--name",
         "Ada",
         "--target",
-        server_process.address,
+        shared_server_process.address,
         env={"GREETER_AUTH_TOKEN": "not-the-right-token"},
     )
     assert result.returncode == 1

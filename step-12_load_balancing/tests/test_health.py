@@ -201,14 +201,14 @@ def grpcurl(
     )
 
 
-def test_readme_grpcurl_commands_work_as_written(server_process, logger_process, tmp_path):
+def test_readme_grpcurl_commands_work_as_written(shared_server_process, logger_process, tmp_path):
     """The grpcurl commands of the README, run by a shell exactly as written, except for the
     ports: against `python server.py` and `python logger_server.py` on free ports, from a
     directory with certs/ in it. Step 07's README teaches grpcurl; this one links it and
     shows only what is new."""
     (tmp_path / "certs").symlink_to(CERTS)
     ports = {
-        "localhost:50051": server_process.address.rsplit(":", 1)[1],
+        "localhost:50051": shared_server_process.address.rsplit(":", 1)[1],
         "localhost:50052": logger_process.address.rsplit(":", 1)[1],
     }
     readme = STEP_DIR / "README.md"
@@ -230,8 +230,8 @@ def test_readme_grpcurl_commands_work_as_written(server_process, logger_process,
         assert result.stdout + result.stderr == command.expected_output, command.line
 
 
-def test_reflection_lists_every_service(server_process):
-    result = grpcurl(server_process.address, "list")
+def test_reflection_lists_every_service(shared_server_process):
+    result = grpcurl(shared_server_process.address, "list")
     assert result.stdout.split() == [
         GREETER_SERVICE,
         "grpc.health.v1.Health",
@@ -239,23 +239,23 @@ def test_reflection_lists_every_service(server_process):
     ]
 
 
-def test_only_health_and_reflection_answer_without_a_token(server_process):
+def test_only_health_and_reflection_answer_without_a_token(shared_server_process):
     """Every method of every other service, listed by reflection, refuses a call without a
     token: nothing is exempt by accident."""
     public = {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
     protected = [
         name
-        for name in grpcurl(server_process.address, "list").stdout.split()
+        for name in grpcurl(shared_server_process.address, "list").stdout.split()
         if name not in public
     ]
     assert protected == [GREETER_SERVICE]
-    methods = grpcurl(server_process.address, "list", GREETER_SERVICE).stdout.split()
+    methods = grpcurl(shared_server_process.address, "list", GREETER_SERVICE).stdout.split()
     assert methods == [
         f"{GREETER_SERVICE}.{m}" for m in ("Chat", "GreetMany", "SayHello", "StreamGreetings")
     ]
     for method in methods:
         service, name = method.rsplit(".", 1)
-        result = grpcurl(server_process.address, f"{service}/{name}", data='{"name": "Ada"}')
+        result = grpcurl(shared_server_process.address, f"{service}/{name}", data='{"name": "Ada"}')
         assert "Code: Unauthenticated" in result.stderr, (method, result.stderr)
 
 

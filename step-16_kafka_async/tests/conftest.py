@@ -182,3 +182,12 @@ def server_process():
     """`python server.py --port 0` as a learner runs it (its Logger: `logger_process`)."""
     with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
         yield process
+
+
+@pytest.fixture(scope="module")
+def shared_server_process():
+    """The same, started once for the tests of a module that only call it, as a learner
+    leaves a server running in one terminal and tries commands in another: none of them
+    stops it, floods it or reads its output (a start costs 0.3-0.5 s of CPU)."""
+    with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
+        yield process
