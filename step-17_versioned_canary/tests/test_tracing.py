@@ -220,15 +220,21 @@ async def fail(stub, method):
         await chat.read()
 
 
+# Long enough for a loaded machine to hand the call to its handler: a call whose deadline
+# passes before that may never reach it, and leaves no server span (with 0.3 s one waited
+# 20 s for its server span in vain, five suites on two cores).
+SHORT_DEADLINE = 1.0
+
+
 async def run_past_the_deadline(stub, method):
     if method == "SayHello":  # the GatedGreeter never answers
-        await stub.SayHello(Request(name="Ada"), timeout=0.3)
-    elif method == "StreamGreetings":  # 10 replies 0.2 s apart do not fit in 0.3 s
-        await messages(stub.StreamGreetings(Request(name="Ada", count=10), timeout=0.3))
+        await stub.SayHello(Request(name="Ada"), timeout=SHORT_DEADLINE)
+    elif method == "StreamGreetings":  # 10 replies 0.2 s apart do not fit in 1 s
+        await messages(stub.StreamGreetings(Request(name="Ada", count=10), timeout=SHORT_DEADLINE))
     elif method == "GreetMany":  # the client never half-closes
-        await stub.GreetMany(one_name_then_silence(), timeout=0.3)
+        await stub.GreetMany(one_name_then_silence(), timeout=SHORT_DEADLINE)
     else:  # the client stops talking
-        chat = stub.Chat(timeout=0.3)
+        chat = stub.Chat(timeout=SHORT_DEADLINE)
         await chat.write(Request(name="Ada"))
         await chat.read()
         await chat.read()
