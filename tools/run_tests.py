@@ -4,11 +4,11 @@
 
 Steps share module names (server, service, greeter.v1...), so one process cannot import two
 steps: each gets its own, and three more than the CPU cores run at once (`--jobs`: a suite
-waits for servers, brokers and deadlines about 40% of its time), the latest (and longest) steps first. The repo-level tests (tests/) are one more run among them,
-in a full run only.
-Prints a line per run as it finishes, then the output of every failed run, a summary
-table and the slowest tests; exits 1 if anything failed. With CI=true a skipped test counts as a failure: CI must
-have every real component the tests use.
+waits for servers, brokers and deadlines about 40% of its time), the latest (and longest)
+steps first. The repo-level tests (tests/) are one more run among them, in a full run only.
+Prints a line per run as it finishes, then the output of every failed run, a summary table
+and the slowest tests; exits 1 if anything failed. With CI=true a skipped test counts as a
+failure: CI must have every real component the tests use.
 """
 
 import argparse

@@ -59,6 +59,6 @@ def server_process():
 def shared_server_process():
     """The same, started once for the tests of a module that only call it, as a learner
     leaves a server running in one terminal and tries commands in another: none of them
-    stops it, floods it or reads its output (a start costs 0.3-0.5 s of CPU)."""
+    stops it, floods it or reads its output. One start per module instead of one per test."""
     with ServerProcess(STEP_DIR, "--stream-interval", str(FAST_STREAM_INTERVAL)) as process:
         yield process
