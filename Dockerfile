@@ -1,13 +1,13 @@
 # One step of the tutorial as a container image, installed from the lock, run as a user
 # without privileges, with a health check through the gRPC health service.
 #
-#   docker build --build-arg STEP=step-18_rate_limiting -t grpc-mastery-greeter .
+#   docker build --build-arg STEP=step-19_rest_gateway -t grpc-mastery-greeter .
 #
 # The server needs a token (GREETER_AUTH_TOKEN) from step 05 on, and certs/ (made by the
 # step's ./gen_certs.sh, mounted read-only) from step 06 on: docker-compose.yml does both.
 FROM python:3.11-slim
 
-ARG STEP=step-18_rate_limiting
+ARG STEP=step-19_rest_gateway
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1

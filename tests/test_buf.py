@@ -4,6 +4,7 @@ from step 17 on, where the step has a buf.yaml, `buf lint` passes and `buf break
 a breaking edit of greeter.v1 (which is why v2 is a new package)."""
 
 import itertools
+import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tools.codegen import GOOGLEAPIS_PROTOS
 from tools.steps import all_steps
 
 BUF = str(Path(sys.executable).with_name("buf"))  # PyPI buf-bin, in requirements.lock
@@ -40,19 +42,30 @@ KNOWN_BREAKS = {
         'on message "Greeting" was deleted.'
     ]
 }
-# Only what breaks clients on the wire (or in JSON): reserved numbers and names are safe.
-WIRE_ONLY = '{"version": "v1", "breaking": {"use": ["WIRE_JSON"]}}'
+
+
+def wire_only(step) -> str:
+    """buf's config for only what breaks clients on the wire (or in JSON): reserved numbers
+    and names are safe. With the step's vendored imports (third_party/) as a module."""
+    modules = [{"path": "protos"}]
+    if (step.path / "third_party").exists():
+        modules.append({"path": "third_party"})
+    return json.dumps({"version": "v2", "modules": modules, "breaking": {"use": ["WIRE_JSON"]}})
 
 
 @pytest.mark.parametrize(
     ("earlier", "later"), ADJACENT, ids=[f"{a.label}-{b.label}" for a, b in ADJACENT]
 )
 def test_no_step_breaks_the_protos_of_the_step_before(earlier, later):
-    against = str(earlier.path / "protos")
+    # A step with a buf.yaml is a workspace: its protos' imports (step 19's google/api, in
+    # third_party/) resolve only in it.
+    against = str(earlier.path if (earlier.path / "buf.yaml").exists() else earlier.path / "protos")
     result = buf("breaking", "protos", "--against", against, cwd=later.path)
     known = KNOWN_BREAKS.get((earlier.number, later.number), [])
     assert result.stdout.splitlines() == known, result.stdout + result.stderr
-    wire = buf("breaking", "protos", "--against", against, "--config", WIRE_ONLY, cwd=later.path)
+    wire = buf(
+        "breaking", "protos", "--against", against, "--config", wire_only(later), cwd=later.path
+    )
     assert wire.returncode == 0, wire.stdout + wire.stderr
 
 
@@ -62,11 +75,29 @@ def test_buf_lint_passes(versioned):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+VENDORED = [s for s in STEPS if (s.path / "third_party").exists()]
+
+
+@pytest.mark.parametrize("vendoring", VENDORED, ids=[s.label for s in VENDORED])
+def test_vendored_protos_are_the_installed_googleapis_ones(vendoring):
+    """third_party/ holds what buf cannot fetch here (google/api/*.proto, step 19 on):
+    byte for byte the files googleapis-common-protos installs, which protoc and the
+    Python code use."""
+    vendored = sorted((vendoring.path / "third_party").rglob("*.proto"))
+    assert vendored, "third_party/ has no proto"
+    for path in vendored:
+        relative = path.relative_to(vendoring.path / "third_party")
+        assert path.read_bytes() == (GOOGLEAPIS_PROTOS / relative).read_bytes(), relative
+
+
 @pytest.fixture
 def scratch(tmp_path) -> Path:
-    """A scratch copy of the newest step's protos and buf.yaml, to edit."""
+    """A scratch copy of the newest step's protos and buf.yaml (and what they import), to
+    edit."""
     newest = LINTED[-1].path
     shutil.copytree(newest / "protos", tmp_path / "protos")
+    if (newest / "third_party").exists():
+        shutil.copytree(newest / "third_party", tmp_path / "third_party")
     shutil.copy(newest / "buf.yaml", tmp_path)
     return tmp_path
 
@@ -104,7 +135,7 @@ def edit(path: Path, old: str, new: str) -> None:
     ids=["type", "deleted-field", "renamed-field", "deleted-rpc"],
 )
 def test_buf_breaking_catches_a_breaking_edit_of_v1(scratch, old, new, caught):
-    against = str(LINTED[-1].path / "protos")
+    against = str(LINTED[-1].path)
     assert buf("breaking", "--against", against, cwd=scratch).returncode == 0
     edit(scratch / "protos" / "greeter" / "v1" / "greeter.proto", old, new)
     result = buf("breaking", "--against", against, cwd=scratch)
@@ -116,7 +147,7 @@ def test_adding_to_v1_is_not_breaking(scratch):
     """What v1 may still do: add a field (old clients ignore it, new ones see its default)."""
     v1 = scratch / "protos" / "greeter" / "v1" / "greeter.proto"
     edit(v1, "string message = 1;", "string message = 1;\n  string language = 2;")
-    result = buf("breaking", "--against", str(LINTED[-1].path / "protos"), cwd=scratch)
+    result = buf("breaking", "--against", str(LINTED[-1].path), cwd=scratch)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

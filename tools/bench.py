@@ -1,7 +1,9 @@
 """What each step's features cost per call: every step's servers, with what the step needs
 beside them, under the same unary load, side by side with step 01 and a bare grpc.aio server.
 From step 18 on a step runs twice: its rate limits in each process ("18"), and shared
-through Redis ("18+redis"), as compose runs it.
+through Redis ("18+redis"), as compose runs it. From step 19 on, once more with SayHello
+as REST and JSON through Envoy's transcoder ("19 rest": POST /v1/greetings), beside the
+same call in gRPC through the same Envoy ("19").
 
     python tools/bench.py [NN ...] [--rounds 3] [--seconds 3] [--out bench]   (make bench)
     python tools/bench.py NN ... --against REV    (each step also as it is at git REV)
@@ -27,6 +29,7 @@ each step's memory before and after 20,000 unary calls and 20,000 short chats.
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -60,6 +63,9 @@ METHODS = {
 # generator needs no step's code.
 REQUEST = b"\x0a\x03Ada"
 STREAM_REQUEST = REQUEST + b"\x10\x0a"
+# SayHello over REST (step 19 on): the same request, as JSON, to the path Envoy maps to it.
+REST_PATH = "/v1/greetings"
+REST_BODY = b'{"name": "Ada"}'
 CHAT_MESSAGES = 100  # a chat holds at most 100 messages: then the caller starts another
 MANY_NAMES = 10  # names in each GreetMany call
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -68,7 +74,14 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # --- The load generator: a process of its own ---------------------------------------------
 
 
+class RestError(Exception):
+    """A REST call answered with another status than 200."""
+
+
 async def generate_load(args: argparse.Namespace) -> dict:
+    import ssl
+
+    import aiohttp
     import grpc
 
     if args.ca:
@@ -76,6 +89,12 @@ async def generate_load(args: argparse.Namespace) -> dict:
         channel = grpc.aio.secure_channel(args.target, credentials)
     else:
         channel = grpc.aio.insecure_channel(args.target)
+    # REST: HTTP/1.1 with keep-alive, a connection per caller, as a REST client has.
+    tls = ssl.create_default_context(cadata=args.ca.decode()) if args.ca else None
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=tls or False, limit=args.concurrency)
+    )
+    rest_url = f"{'https' if args.ca else 'http'}://{args.target}{REST_PATH}"
     metadata = (
         (("authorization", f"Bearer {args.token}"), ("x-user-id", "bench")) if args.token else ()
     )
@@ -102,6 +121,15 @@ async def generate_load(args: argparse.Namespace) -> dict:
 
     async def unary(began: float) -> None:
         await channel.unary_unary(METHODS["unary"])(REQUEST, metadata=metadata, timeout=10)
+        measured(began)
+
+    async def rest(began: float) -> None:
+        headers = {"content-type": "application/json", **dict(metadata)}
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with session.post(rest_url, data=REST_BODY, headers=headers, timeout=timeout) as r:
+            await r.read()
+            if r.status != 200:
+                raise RestError(r.status)
         measured(began)
 
     async def stream(began: float) -> None:
@@ -131,7 +159,7 @@ async def generate_load(args: argparse.Namespace) -> dict:
         if await call.code() != grpc.StatusCode.OK:
             raise grpc.aio.AioRpcError(await call.code(), None, None, await call.details())
 
-    one = {"unary": unary, "stream": stream, "many": many, "chat": chat}[args.kind]
+    one = {"unary": unary, "rest": rest, "stream": stream, "many": many, "chat": chat}[args.kind]
 
     def another() -> bool:
         nonlocal remaining
@@ -150,8 +178,10 @@ async def generate_load(args: argparse.Namespace) -> dict:
                     unimplemented += 1
                 else:
                     errors += 1
+            except (RestError, aiohttp.ClientError, TimeoutError):
+                errors += 1
 
-    async with channel:
+    async with channel, session:
         clocked = () if args.calls else (clock(),)
         await asyncio.gather(*clocked, *(caller() for _ in range(args.concurrency)))
     latencies.sort()
@@ -330,15 +360,23 @@ class Sample:
 
 
 def run_variant(
-    start, first_step: int, seconds: float, warmup: float, unary_only: bool = False
+    start,
+    first_step: int,
+    seconds: float,
+    warmup: float,
+    unary_only: bool = False,
+    rest: bool = False,
 ) -> Sample:
     """Start a variant, measure it, stop it. `first_step`: the step it is (0: the bare
     server), which says whether it has StreamGreetings (step 02 on), GreetMany and Chat (03 on).
-    `unary_only`: SayHello from 16 callers, nothing else (a quicker round, so more rounds)."""
+    `unary_only`: SayHello from 16 callers, nothing else (a quicker round, so more rounds).
+    `rest`: SayHello as REST and JSON (step 19 on), nothing else."""
     sample = Sample()
+    unary_only = unary_only or rest
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir, start(Path(workdir)) as running:
-        for concurrency in CONCURRENCY[:1] if unary_only else CONCURRENCY:
-            result = measure(running, "unary", concurrency, seconds, warmup)
+        for concurrency in CONCURRENCY[:1] if unary_only and not rest else CONCURRENCY:
+            kind = "rest" if rest else "unary"
+            result = measure(running, kind, concurrency, seconds, warmup)
             sample.calls_per_second[concurrency] = result["per_second"]
             sample.failed += result["errors"]
             if concurrency == 16:
@@ -511,7 +549,7 @@ def main(argv: list[str]) -> int:
         parser.add_argument("--seconds", type=float, required=True)
         parser.add_argument("--warmup", type=float, required=True)
         parser.add_argument("--ca")
-        parser.add_argument("--kind", choices=sorted(METHODS), default="unary")
+        parser.add_argument("--kind", choices=sorted([*METHODS, "rest"]), default="unary")
         parser.add_argument("--calls", type=int, default=0, help="this many, not --seconds")
         parser.add_argument("--messages", type=int, default=CHAT_MESSAGES, help="per chat")
         args = parser.parse_args(argv[1:])
@@ -591,21 +629,26 @@ def checkout(revision: str):
 
 
 def variants_of(steps: list[Step], before: Path | None, revision: str | None) -> dict:
-    """{name: (step number, start)}: the bare server, then each step (each one right after
-    its version at `revision`, when there is one)."""
-    variants = {"bare": (0, lambda _: bare_server())}
+    """{name: (step number, start, REST or not)}: the bare server, then each step (each one
+    right after its version at `revision`, when there is one)."""
+    variants = {"bare": (0, lambda _: bare_server(), False)}
     for step in steps:
         if before is not None:
             old = Step(step.number, before / step.name)
             variants[f"{step.label}@{revision}"] = (
                 step.number,
                 lambda workdir, old=old: step_servers(old, workdir),
+                False,
             )
-        variants[step.label] = (step.number, lambda workdir, s=step: step_servers(s, workdir))
+        start = functools.partial(step_servers, step)
+        variants[step.label] = (step.number, start, False)
+        if (step.path / "deploy" / "greeter.pb").exists():  # REST through Envoy, step 19 on
+            variants[f"{step.label} rest"] = (step.number, start, True)
         if (step.path / "ratelimit.py").exists():  # the limits shared, as compose runs them
             variants[f"{step.label}+redis"] = (
                 step.number,
                 lambda workdir, s=step: step_servers(s, workdir, shared_limits=True),
+                False,
             )
     return variants
 
@@ -615,8 +658,8 @@ def run_bench(args: argparse.Namespace, about: str, variants: dict) -> int:
     for round_number in range(1, args.rounds + 1):
         # Every other round in reverse order: no variant always runs first or last.
         order = list(variants.items())
-        for name, (number, start) in order if round_number % 2 else reversed(order):
-            sample = run_variant(start, number, args.seconds, args.warmup, args.unary_only)
+        for name, (number, start, rest) in order if round_number % 2 else reversed(order):
+            sample = run_variant(start, number, args.seconds, args.warmup, args.unary_only, rest)
             samples[name].append(sample)
             print(
                 f"round {round_number} {name}: {sample.calls_per_second[16]:.0f} calls/s @16, "

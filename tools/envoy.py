@@ -117,6 +117,8 @@ class EnvoyProcess:
         self._names = {address: name for name, address in upstreams.items()}
         self.directory = Path(tempfile.mkdtemp(prefix="envoy-"))
         (self.directory / "certs").symlink_to(Path(certs_dir).resolve())
+        # What else the config reads (step 19 on: the API's descriptor set, the page).
+        (self.directory / "deploy").symlink_to((step_dir / "deploy").resolve())
         config = yaml.safe_load((step_dir / "deploy" / "envoy.yaml").read_text())
         self.port, self.admin_port = port or free_port(), admin_port or free_port()
         self.address = f"127.0.0.1:{self.port}"

@@ -53,6 +53,9 @@ PURPOSE = {
     "buf.yaml": "buf's lint and breaking-change rules for `protos/`",
     "deploy/envoy.yaml": "Envoy in front of the Greeters: routes, health checks, retries, limits",
     "ratelimit.py": "rate limits per caller: token buckets, shared through Redis, and the refusal",
+    "deploy/web/index.html": "a page that greets through the REST API (Envoy serves it)",
+    "third_party/google/api/annotations.proto": "`google.api.http`, for buf (as googleapis ships it)",
+    "third_party/google/api/http.proto": "the HTTP mapping's rules, for buf (as googleapis ships it)",
     "tests/conftest.py": "the tests' fixtures: servers, channels, stand-in services",
     "tests/helpers.py": "what the tests call besides fixtures",
 }

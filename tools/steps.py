@@ -27,6 +27,7 @@ STEP_NAMES = [
     "step-16_kafka_async",
     "step-17_versioned_canary",
     "step-18_rate_limiting",
+    "step-19_rest_gateway",
 ]
 
 

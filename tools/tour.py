@@ -39,10 +39,12 @@ METRICS_PORTS = {"greeter": 9464, "logger": 9465}
 class Demo:
     # The program's arguments; "{target}" becomes the Greeter's address, "{logger}" the
     # Logger's (steps 10 on), "{replica:NAME}" one replica's (greeter-2), "{envoy}" Envoy's, "{certs}" the directory of the certificates made for the tour
-    # (steps 06 on), and "$LOGGER_AUTH_TOKEN" that token (shown as written, run with it).
+    # (steps 06 on), and "$LOGGER_AUTH_TOKEN" and "$GREETER_AUTH_TOKEN" those tokens (shown
+    # as written, run with them).
     args: tuple[str, ...]
     fails: bool = False  # a demo of an error: it must exit non-zero
-    # "client.py"; "grpcurl" (the binary installed in the virtual env); "metrics" (the lines
+    # "client.py"; "grpcurl" (the binary installed in the virtual env); "curl" (the system's,
+    # to Envoy's REST API, step 19 on); "metrics" (the lines
     # of the server's /metrics that start with args[0] and are not 0); "promql" (a real
     # Prometheus, started with the step's deploy/ files, answers the query args[0]); "trace"
     # (the tree of the last client's trace, from the tour's OTLP receiver); "stop" (stops
@@ -131,6 +133,19 @@ def dashboard(service: str) -> Demo:
 
 def promql(query: str) -> Demo:
     return Demo(args=(query,), program="promql")
+
+
+def curl(path: str, data: str, *, token: bool = True, fails: bool = False) -> Demo:
+    """`curl` POSTing `data` as JSON to Envoy's REST API (step 19 on), trusting the tour's
+    CA, with the Greeter's token unless `token` is False; an HTTP error exits non-zero and
+    shows the body."""
+    headers = ("-H", "authorization: Bearer $GREETER_AUTH_TOKEN") if token else ()
+    flags = ("-s", "--fail-with-body", "-w", "\\n", "--cacert", "{certs}/ca.crt")
+    return Demo(
+        args=(*flags, *headers, "-H", "x-user-id: ada", "--json", data, "https://{envoy}" + path),
+        program="curl",
+        fails=fails,
+    )
 
 
 def grpcurl(
@@ -427,6 +442,24 @@ TOUR: dict[int, TourEntry] = {
             redis("start"),
         ),
     ),
+    19: TourEntry(
+        title="REST and JSON beside gRPC, through Envoy",
+        adds="google.api.http options map SayHello, StreamGreetings and GreetMany to POST /v1/greetings and /v2/greetings; Envoy's JSON transcoder serves them on the same listener as gRPC, with the same auth, limits and canary split; errors come back as HTTP statuses with a JSON google.rpc.Status",
+        shows='{"message":"Hello, Ada Lovelace!"}',
+        broker=True,
+        replicas=(("greeter", 3),),
+        envoy=True,
+        server_env=(("GREETER_LOG_LEVEL", "WARNING"), ("LOGGER_LOG_LEVEL", "WARNING")),
+        demos=(
+            curl("/v2/greetings", '{"person": {"givenName": "Ada", "familyName": "Lovelace"}}'),
+            curl("/v1/greetings:stream", '{"name": "Ada", "count": 3}'),
+            curl("/v1/greetings:batch", '[{"name": "Ada"}, {"name": "Grace"}]'),
+            curl("/v1/greetings", '{"name": ""}', fails=True),
+            curl("/v1/greetings", '{"name": "Ada"}', token=False, fails=True),
+            # The same Envoy, the same Greeters, in gRPC.
+            demo("hello", "--name", "Ada", "--user-id", "ada", target="{envoy}"),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -643,12 +676,19 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             shown = shell_words([fill(a, shown_places) for a in d.args])
             if d.fails:
                 shown += "   # an error, on purpose"
-            if d.program == "grpcurl":
-                print(f"$ grpcurl {shown}", flush=True)
-                grpcurl_binary = str(Path(sys.executable).with_name("grpcurl"))
-                secrets = {"$LOGGER_AUTH_TOKEN": env.get("LOGGER_AUTH_TOKEN", "")}
+            if d.program in ("grpcurl", "curl"):
+                print(f"$ {d.program} {shown}", flush=True)
+                binary = (
+                    str(Path(sys.executable).with_name("grpcurl"))
+                    if d.program == "grpcurl"
+                    else shutil.which("curl") or "curl"
+                )
+                secrets = {
+                    "$LOGGER_AUTH_TOKEN": env.get("LOGGER_AUTH_TOKEN", ""),
+                    "$GREETER_AUTH_TOKEN": env.get("GREETER_AUTH_TOKEN", ""),
+                }
                 result = subprocess.run(
-                    [grpcurl_binary, *(fill(a, secrets) for a in args)],
+                    [binary, *(fill(a, secrets) for a in args)],
                     capture_output=True,
                     text=True,
                     timeout=60,

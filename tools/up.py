@@ -56,6 +56,13 @@ def try_commands(
     ]
     if metrics:
         lines.append(f"curl -s http://{metrics}/metrics | grep ^greeter_")
+    if (step.path / "deploy" / "greeter.pb").exists():  # REST through Envoy (step 19 on)
+        lines.append(
+            'curl -s -w \'\\n\' --cacert "$GREETER_TLS_CA" -H "authorization: Bearer '
+            '$GREETER_AUTH_TOKEN" -H \'x-user-id: ada\' --json \'{"name": "Ada"}\' '
+            f"https://{target}/v1/greetings"
+        )
+        lines.append(f"# and the page: https://{target}/ (README, 'From a browser')")
     return lines
 
 
