@@ -1,7 +1,7 @@
 # gRPC Mastery: every target sets up what it needs. See README.md.
 #   make tour [STEP=NN]     run every step's server and client demo (or one step)
 #   make test [STEP=NN]     every step's tests, each in its own process, and the repo tests
-#                           ([JOBS=N] at once; default cores + 3)
+#                           ([JOBS=N] at once; default cores + 2)
 #   make up STEP=NN         one step's whole stack on loopback (Prometheus, traces, broker,
 #                           Envoy as the step has them) until Ctrl-C
 #   make diff STEP=NN       what step NN adds to the step before it (generated code left out)

@@ -3,7 +3,7 @@
     python tools/run_tests.py [NN]      (make test [STEP=NN])
 
 Steps share module names (server, service, greeter.v1...), so one process cannot import two
-steps: each gets its own, and three more than the CPU cores run at once (`--jobs`: a suite
+steps: each gets its own, and two more than the CPU cores run at once (`--jobs`: a suite
 waits for servers, brokers and deadlines about 40% of its time), the latest (and longest)
 steps first. The repo-level tests (tests/) are one more run among them, in a full run only.
 Prints a line per run as it finishes, then the output of every failed run, a summary table
@@ -175,8 +175,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--jobs",
         type=int,
-        default=(os.cpu_count() or 1) + 3,
-        help="test runs at once (default: three more than the CPU cores)",
+        default=(os.cpu_count() or 1) + 2,
+        help="test runs at once (default: two more than the CPU cores)",
     )
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -187,8 +187,11 @@ def main(argv: list[str]) -> int:
     compile_modules([step.path for step in steps] + [args.root / "tools", args.root / "tests"])
     # Two runs more than the cores: a suite waits for a third of its time (step 17's alone
     # keeps a core 64% busy); with three runs at a time on 2 cores the cores were 74% busy
-    # and `make test` took 589-632 s, with four 536 s (December 2026). The load four bring
-    # found five races in tests (each fixed in the test: it now waits for what it checks).
+    # and `make test` took 589-632 s, with four 536 s (December 2026). Five were quicker
+    # with 18 steps (509-569 s), but with step 19 they put its suite and steps 16-18's,
+    # each with Envoy, brokers and a dozen servers, on 2 cores at once: a greeting took
+    # twice its bound and replicas missed their round-robin turn (4 failures in one run of
+    # three). Four keep a machine busy without starving what a test times.
     pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
     # Longest first: a later step carries every earlier test and takes longer, and two long
     # suites left for the end would run with a core idle beside the last one (on 2 cores,
