@@ -30,9 +30,10 @@ from outbox import TOPIC, one_line_per_outage, publishing_events
 from tests.support.helpers import closed_port, eventually
 from tools.processes import ServerProcess, StepServices
 
-# A greeting's own time, whatever the broker does (generous: the tests also pass with both
-# cores busy). Reaching a broker that is down would take seconds.
-GREETING_SECONDS = 0.25
+# A greeting's own time, whatever the broker does (generous: with four suites at once on 2
+# cores one took 0.48 s). A greeting that waited for a broker that is down would take the
+# outbox's send timeout, 5 s.
+GREETING_SECONDS = 1.0
 
 
 async def start_pair(start_server, start_logger, broker, **greeter_settings):
