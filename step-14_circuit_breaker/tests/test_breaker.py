@@ -311,8 +311,15 @@ async def test_callers_in_a_hurry_never_open_the_breaker(start_server, start_log
     async with open_channel(server.address) as channel:
         stub = greeter_pb2_grpc.GreeterStub(channel)
         for _ in range(FAILURES * 2):
-            await greet(stub, timeout=LOGGER_TIMEOUT * 0.6)
-        assert await breaker_metrics(server) == ("closed", 0, FAILURES * 2)
+            try:
+                await greet(stub, timeout=LOGGER_TIMEOUT * 0.6)
+            except grpc.aio.AioRpcError as err:
+                # The Greeter answers with 50 ms of the caller's time to spare, which a loaded
+                # machine can eat: then the caller times out too, and its report is cut.
+                assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err
+        state, skipped, failed = await breaker_metrics(server)
+        assert (state, skipped) == ("closed", 0)
+        assert failed <= FAILURES * 2
         for _ in range(FAILURES):  # callers with time to spare: now the Logger is to blame
             await greet(stub)
     assert (await breaker_metrics(server))[:2] == ("open", 0)

@@ -258,7 +258,10 @@ async def test_the_logger_never_has_more_time_than_the_greeter(start_server, sta
     server = await start_server(
         DeadlineWatchingGreeter, logger_target=logger.address, logger_timeout=5.0
     )
-    for deadline in (0.5, 2.0, 10.0):
+    # Shorter than the Logger timeout, or longer. (Not shorter than a second: a loaded
+    # machine took 0.45 s to bring a call of 0.5 s to the Greeter, which then had less than
+    # its margin left and gave the Logger the least timeout there is.)
+    for deadline in (1.0, 2.0, 10.0):
         await say_hello(server.address, timeout=deadline)
     for greeter_deadline, logger_deadline in zip(
         server.servicer.deadlines, logger.servicer.deadlines, strict=True
