@@ -238,12 +238,16 @@ def test_a_dns_target_resolves_to_the_replicas_behind_a_name(server_process):
 
 
 def test_the_cli_spreads_its_calls_and_counts_them(three_greeters):
+    """`spread` counts the calls each replica served. Round robin uses the replicas it is
+    connected to: on a loaded machine the third connection's TLS handshake may still be
+    under way when 30 calls are done (once in CI), and two replicas share them."""
     result = run_client(
         "spread", "--name", "Ada", "--calls", "30", "--target", three_greeters.targets["greeter"]
     )
     assert result.returncode == 0, result.stderr
     *counts, summary = result.stdout.splitlines()
-    assert summary == "30 calls over 3 replicas"
+    assert len(counts) in (2, 3), result.stdout
+    assert summary == f"30 calls over {len(counts)} replicas"
     assert sum(int(line.rsplit(": ", 1)[1]) for line in counts) == 30
 
 
