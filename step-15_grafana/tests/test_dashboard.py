@@ -190,11 +190,14 @@ def test_every_panel_returns_data_for_the_greeter(observed):
 
 
 def test_the_logger_as_the_selected_service(observed):
-    """The Logger has no streams and refused nothing: those two panels are empty for it."""
+    """The Logger has no streams and refused nothing: those two panels are empty for it,
+    but for the reports the Greeter gave up on while the Logger hung: one that reached it
+    just before SIGSTOP ends, when it wakes, cancelled (once in CI, on a loaded machine)."""
     for panel in ("Request rate", "Latency p50, p95, p99", "Latency heatmap", "In-flight calls"):
         assert observed.logger[panel]["A answered"] > 0, panel
     assert observed.logger["Request rate"]["Record"] > 0
-    assert observed.logger["Error ratio by code"]["A answered"] == 0
+    errors = set(observed.logger["Error ratio by code"]) - {"A answered"}
+    assert errors <= {"Record Cancelled", "Record DeadlineExceeded"}, errors
     assert observed.logger["Messages per stream"]["A answered"] == 0
 
 
