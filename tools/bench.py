@@ -372,21 +372,20 @@ def run_variant(
     `unary_only`: SayHello from 16 callers, nothing else (a quicker round, so more rounds).
     `rest`: SayHello as REST and JSON (step 19 on), nothing else."""
     sample = Sample()
-    unary_only = unary_only or rest
+    kind, streams = ("rest", False) if rest else ("unary", not unary_only)
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir, start(Path(workdir)) as running:
-        for concurrency in CONCURRENCY[:1] if unary_only and not rest else CONCURRENCY:
-            kind = "rest" if rest else "unary"
+        for concurrency in CONCURRENCY[:1] if unary_only else CONCURRENCY:
             result = measure(running, kind, concurrency, seconds, warmup)
             sample.calls_per_second[concurrency] = result["per_second"]
             sample.failed += result["errors"]
             if concurrency == 16:
                 sample.p50_ms, sample.p99_ms = result["p50_ms"], result["p99_ms"]
                 sample.cpu_us_per_call = result["cpu_us_per_call"]
-        if first_step >= 2 and not unary_only:
+        if first_step >= 2 and streams:
             result = measure(running, "stream", STREAMING_CONCURRENCY, seconds, warmup)
             sample.stream_messages_per_second = result["per_second"]
             sample.failed += result["errors"]
-        if first_step >= 3 and not unary_only:
+        if first_step >= 3 and streams:
             result = measure(running, "many", STREAMING_CONCURRENCY, seconds, warmup)
             if not result["unimplemented"]:  # GreetMany came after step 03 itself (issue 24)
                 sample.many_calls_per_second = result["per_second"]
