@@ -1,38 +1,52 @@
-# One step of the tutorial as a container image, installed from the lock, run as a user
-# without privileges, with a health check through the gRPC health service.
+# One step of the tutorial as a container image: the step's servers on a slim Python, run as
+# a user without privileges, with a health check through the gRPC health service.
 #
-#   docker build --build-arg STEP=step-19_rest_gateway -t grpc-mastery-greeter .
+#   docker build --build-arg STEP=step-20_cicd_kubernetes -t grpc-mastery-greeter:step-20 .
+#
+# Two stages (step 20's README, "The image"): `build` installs the services' packages into a
+# virtual env; the image copies that env alone onto a clean base, without pip's caches, the
+# lock or the code generator (grpcio-tools is a development tool: the generated code is
+# checked in). The base is pinned by tag; CI records the digest of every image it pushes.
 #
 # The server needs a token (GREETER_AUTH_TOKEN) from step 05 on, and certs/ (made by the
-# step's ./gen_certs.sh, mounted read-only) from step 06 on: docker-compose.yml does both.
-FROM python:3.11-slim
+# step's ./gen_certs.sh, mounted read-only) from step 06 on: docker-compose.yml and the
+# Kubernetes manifests (step 20) do both.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-ARG STEP=step-19_rest_gateway
-ENV PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
-WORKDIR /app
+FROM ${PYTHON_IMAGE} AS build
 # Only the services' packages (requirements-runtime.lock: the versions of requirements.lock,
 # without the development tools), every file checked against the lock's hashes.
-COPY requirements-runtime.lock ./
-RUN pip install --require-hashes --requirement requirements-runtime.lock
+COPY requirements-runtime.lock /tmp/
+RUN python -m venv /venv \
+    && /venv/bin/pip install --no-cache-dir --disable-pip-version-check \
+        --require-hashes --requirement /tmp/requirements-runtime.lock
 
-RUN useradd --create-home --uid 10001 greeter
+FROM ${PYTHON_IMAGE}
+ARG STEP=step-20_cicd_kubernetes
+# Nothing is written at run time (Kubernetes mounts the root file system read-only): the
+# step's bytecode is compiled below, the packages' was at install.
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/venv/bin:$PATH
+
+RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin greeter
+COPY --from=build /venv /venv
 COPY tools/healthcheck.py /app/healthcheck.py
 COPY ${STEP}/ /app/step/
+RUN python -m compileall -q /app/step /app/healthcheck.py
 WORKDIR /app/step
-USER greeter
+USER 10001:10001
 
 # Inside a container the servers must listen on every interface; the ports are published
 # (or not) by whoever runs it. The Logger (step 10 on) runs from the same image:
-# `python logger_server.py` (docker-compose.yml).
+# `python logger_server.py` (docker-compose.yml, deploy/k8s/logger.yaml).
 ENV GREETER_HOST=0.0.0.0 \
     GREETER_METRICS_HOST=0.0.0.0 \
     LOGGER_HOST=0.0.0.0 \
     LOGGER_METRICS_HOST=0.0.0.0
 EXPOSE 50051 9464 50052 9465
 
+# Docker's own check; Kubernetes ignores it and asks the probe port instead (step 20).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "/app/healthcheck.py"]
 # SIGTERM from `docker stop` reaches the server directly (no shell in between): it reports

@@ -15,15 +15,15 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-# The stamp records that .venv holds exactly requirements.lock: the install reruns only
-# when the lock changes.
+# The stamp records that .venv holds exactly requirements.lock (and .venv/checkov
+# requirements-checkov.lock): the install reruns only when a lock changes.
 STAMP  := $(VENV)/.installed-from-lock
 
 .PHONY: tour test up diff protos lint lock stats venv bench mutate
 
 venv: $(STAMP)
 
-$(STAMP): requirements.lock
+$(STAMP): requirements.lock requirements-checkov.lock
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed, found " + sys.version.split()[0])'
 	@echo "installing requirements.lock into $(VENV) (once per lock change) ..."
 	@$(PYTHON) tools/install.py

@@ -6,6 +6,7 @@ works against real servers."""
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -235,11 +236,113 @@ def test_every_service_that_mounts_the_keys_can_read_them(tmp_path):
 
 
 def test_everything_the_dockerfile_copies_exists():
-    sources = re.findall(r"^COPY (.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
+    sources = re.findall(r"^COPY (?!--from=)(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M)
     assert sources
     for line in sources:
         for source in line.split():
             assert (ROOT / source.replace("${STEP}", all_steps()[-1].name)).exists(), source
+
+
+def hadolint(dockerfile: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [Path(sys.executable).with_name("hadolint"), "-"],
+        input=dockerfile,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_hadolint_passes_the_dockerfile_and_would_catch_a_floating_base():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    result = hadolint(dockerfile)
+    assert result.returncode == 0, result.stdout + result.stderr
+    floating = dockerfile.replace("ARG PYTHON_IMAGE=python:3.11-slim-bookworm", "")
+    floating = floating.replace("FROM ${PYTHON_IMAGE} AS build", "FROM python:latest AS build")
+    assert "DL3007" in hadolint(floating).stdout  # "Using latest is prone to errors"
+
+
+def test_the_image_copies_the_installed_env_alone_into_a_clean_stage():
+    """Two stages: the packages are installed in the first; the image is the second, which
+    installs nothing and takes only the virtual env from the first."""
+    stages = re.split(r"^FROM ", (ROOT / "Dockerfile").read_text(), flags=re.M)[1:]
+    assert len(stages) == 2
+    build, image = stages
+    assert build.startswith("${PYTHON_IMAGE} AS build") and "--require-hashes" in build
+    assert image.startswith("${PYTHON_IMAGE}\n")
+    assert "pip install" not in image and "requirements" not in image
+    assert "COPY --from=build /venv /venv" in image
+    assert re.search(r"^USER 10001:10001$", image, re.M)
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore's `patterns` leave `path` (relative, with /) out of the build
+    context: Docker's matching, for the forms the file uses (`**/`, `*`, a trailing `/`)."""
+    for pattern in patterns:
+        regex = re.escape(pattern.rstrip("/")).replace(r"\*\*/", "(.*/)?").replace(r"\*", "[^/]*")
+        if re.fullmatch(f"{regex}(/.*)?", path):
+            return True
+    return False
+
+
+def test_the_build_context_leaves_out_secrets_envs_and_tests():
+    patterns = [
+        line
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    step = all_steps()[-1].name
+    for secret in ("certs/server.key", "certs/ca.crt", "greeter.token", "logger.token"):
+        assert ignored(f"{step}/{secret}", patterns), secret
+    for kept in (
+        "server.py",
+        "gen_certs.sh",
+        "deploy/envoy.yaml",
+        "protos/greeter/v1/greeter.proto",
+    ):
+        assert not ignored(f"{step}/{kept}", patterns), kept
+    assert ignored(".venv/bin/python", patterns) and ignored(".git/HEAD", patterns)
+    assert ignored(f"{step}/tests/test_unary.py", patterns)
+    assert ignored(f"{step}/__pycache__/server.cpython-311.pyc", patterns)
+    assert not ignored("requirements-runtime.lock", patterns)
+    assert not ignored("tools/healthcheck.py", patterns)
+
+
+def test_the_images_packages_run_the_newest_step_from_a_read_only_folder(tmp_path):
+    """What the image holds, without Docker: a virtual env of requirements-runtime.lock
+    alone (no grpcio-tools), the step's files as the build context has them, read-only, and
+    no bytecode written. The Greeter serves, and the image's health check says SERVING."""
+    venv = tmp_path / "venv"
+    uv = Path(sys.executable).with_name("uv")
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, venv], check=True)
+    python = str(venv / "bin" / "python")
+    lock = ROOT / "requirements-runtime.lock"
+    sync = [uv, "pip", "sync", "-q", "--require-hashes", "--python", python, lock]
+    subprocess.run(sync, check=True, timeout=300)
+    no_tools = subprocess.run([python, "-c", "import grpc_tools"], capture_output=True)
+    assert no_tools.returncode != 0, "grpcio-tools is in the image's packages"
+    step = all_steps()[-1]
+    app = tmp_path / "app" / "step"
+    shutil.copytree(step.path, app, ignore=shutil.ignore_patterns("tests", "__pycache__", "certs"))
+    env = demo_environment(step.path, tmp_path)  # tokens, and certificates outside the folder
+    for path in [app, *app.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        env |= {"PYTHONDONTWRITEBYTECODE": "1", "GREETER_LOG_LEVEL": "WARNING"}
+        with ServerProcess(app, env=env, python=python) as server:
+            check = subprocess.run(
+                [python, str(ROOT / "tools" / "healthcheck.py")],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env={**os.environ, **env, "GREETER_PORT": server.address.rsplit(":", 1)[1]},
+            )
+        assert check.stdout == "SERVING\n", check.stdout + check.stderr
+        assert not list(app.rglob("__pycache__"))
+    finally:
+        for path in [app, *app.rglob("*")]:
+            path.chmod(path.stat().st_mode | stat.S_IWUSR)
 
 
 @pytest.mark.parametrize("compose_step", COMPOSE_STEPS, ids=STEP_IDS)

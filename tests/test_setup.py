@@ -10,6 +10,7 @@ from tools.steps import ROOT
 
 LOCK = ROOT / "requirements.lock"
 RUNTIME_LOCK = ROOT / "requirements-runtime.lock"
+CHECKOV_LOCK = ROOT / "requirements-checkov.lock"
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)==(\S+)")
 
 
@@ -51,7 +52,7 @@ def test_the_lock_pins_every_dependency_of_pyproject():
 
 
 def test_every_locked_package_has_its_hashes():
-    for lock in (LOCK, RUNTIME_LOCK):
+    for lock in (LOCK, RUNTIME_LOCK, CHECKOV_LOCK):
         unhashed = [name for name, (_, *hashes) in locked_packages(lock).items() if not hashes]
         assert not unhashed, f"{lock.name}: no hashes for {unhashed}"
     assert "setuptools" in locked_packages(LOCK), "grpcio-tools needs it: pinned too"
@@ -64,6 +65,17 @@ def test_the_runtime_lock_has_the_full_locks_versions_for_the_services_only():
         name: full[name][0] for name in runtime
     }
     assert not project_names("dev") & set(runtime), "a development tool in the image's lock"
+    assert "grpcio-tools" not in runtime, "the image needs no protoc: the code is generated"
+
+
+def test_checkov_has_a_lock_and_an_environment_of_its_own():
+    """Its pins clash with the project's (boto3, for one): tools/install.py puts it in
+    .venv/checkov, from requirements-checkov.lock, and nothing of it in .venv itself."""
+    assert "checkov" in locked_packages(CHECKOV_LOCK)
+    assert "checkov" not in locked_packages(LOCK)
+    checkov = ROOT / ".venv" / "checkov" / "bin" / "checkov"
+    version = subprocess.run([checkov, "--version"], capture_output=True, text=True, check=True)
+    assert version.stdout.strip() == locked_packages(CHECKOV_LOCK)["checkov"][0]
 
 
 def test_the_installer_takes_uv_from_the_lock_with_every_hash(tmp_path):

@@ -5,7 +5,9 @@ For each .proto under step-NN/protos/ this writes, next to the step's code:
 (the last, the types of the stubs and servicers, by mypy-protobuf's protoc-gen-mypy_grpc:
 grpcio-tools types the messages only). From step 19 on, where the protos map RPCs to HTTP
 (`google.api.http`), it also writes deploy/greeter.pb: the descriptor set Envoy's JSON
-transcoder reads.
+transcoder reads. From step 20 on, where the step deploys to Kubernetes (deploy/kustomization.yaml),
+deploy/envoy-kubernetes.yaml: deploy/envoy.yaml with the upstreams Kubernetes names
+(tools/envoy.py, kubernetes_config).
 The files are checked in so a learner can read them; tests/test_codegen.py fails when they
 differ from a fresh generation.
 
@@ -19,9 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from google.api import annotations_pb2
 
+from tools.envoy import write_kubernetes_config
 from tools.steps import select_steps
 
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi", "_pb2_grpc.pyi", ".pb")
+GENERATED_SUFFIXES = (
+    *("_pb2.py", "_pb2_grpc.py", "_pb2.pyi", "_pb2_grpc.pyi", ".pb"),
+    "envoy-kubernetes.yaml",  # step 20 on: Envoy's config in Kubernetes, from deploy/envoy.yaml
+)
 # google/api/annotations.proto (the HTTP mapping) and google/rpc/*.proto (the status details
 # in REST error bodies) ship in googleapis-common-protos, beside its generated modules.
 GOOGLEAPIS_PROTOS = Path(annotations_pb2.__file__).resolve().parents[2]
@@ -84,6 +90,8 @@ def generate(step_dir: Path, out_dir: Path) -> None:
             *api,
             *DESCRIPTOR_SET_EXTRAS,
         )
+    if (step_dir / "deploy" / "kustomization.yaml").exists():  # step 20 on: Kubernetes
+        write_kubernetes_config(step_dir, out_dir)
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,6 @@
-"""Create .venv with exactly requirements.lock, every file checked against the lock's hashes.
+"""Create .venv with exactly requirements.lock, every file checked against the lock's hashes,
+and .venv/checkov with exactly requirements-checkov.lock (the policy check of step 20's
+manifests: its pins clash with ours, so it has an environment of its own).
 
 uv installs the lock: seconds, where pip takes most of a minute (it unpacks and compiles
 every package one after the other; uv works in parallel). The bytecode is compiled at
@@ -21,7 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
+CHECKOV_LOCK = ROOT / "requirements-checkov.lock"
 VENV = ROOT / ".venv"
+CHECKOV_VENV = VENV / "checkov"  # its command: .venv/checkov/bin/checkov
 LOG = VENV / "install.log"
 ATTEMPTS = 3
 
@@ -67,6 +71,12 @@ def main() -> None:
         python,
     ]
     run_with_retries("installing requirements.lock", [*uv, "--require-hashes", str(LOCK)])
+    venv.create(CHECKOV_VENV)  # without pip: uv installs into it
+    checkov_python = str(CHECKOV_VENV / "bin" / "python")
+    uv[uv.index(python)] = checkov_python
+    run_with_retries(
+        "installing requirements-checkov.lock", [*uv, "--require-hashes", str(CHECKOV_LOCK)]
+    )
 
 
 if __name__ == "__main__":

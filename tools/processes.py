@@ -174,9 +174,10 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         ready_timeout: float = 20.0,
         log_path: Path | None = None,
+        python: str = sys.executable,  # another environment's (the image's packages)
     ):
-        self.command = [sys.executable, script, "--port", "0", *args]
-        self._start = (step_dir, args, script, env, ready_timeout, log_path)  # for restarted()
+        self.command = [python, script, "--port", "0", *args]
+        self._start = (step_dir, args, script, env, ready_timeout, log_path, python)  # restarted()
         # Its output, also written to `log_path` as it comes (tools/up.py).
         self._log = None if log_path is None else open(log_path, "a", encoding="utf-8")
         self.earlier_output = ""  # a restarted server's output before its restart
@@ -239,7 +240,7 @@ class ServerProcess:
         range, and may be given to another process's outgoing connection meanwhile."""
         if self.process.poll() is None:
             raise RuntimeError(f"{' '.join(self.command)} is still running")
-        step_dir, args, script, env, ready_timeout, log_path = self._start
+        step_dir, args, script, env, ready_timeout, log_path, python = self._start
         port = self.address.rsplit(":", 1)[1]  # a later --port wins over the first
         again = ServerProcess(
             step_dir,
@@ -250,6 +251,7 @@ class ServerProcess:
             env=env,
             ready_timeout=ready_timeout,
             log_path=log_path,
+            python=python,
         )
         again.earlier_output = f"{self.output}(exit code {self.returncode}; started again)\n"
         return again

@@ -28,6 +28,7 @@ STEP_NAMES = [
     "step-17_versioned_canary",
     "step-18_rate_limiting",
     "step-19_rest_gateway",
+    "step-20_cicd_kubernetes",
 ]
 
 

@@ -50,7 +50,8 @@ class Demo:
     # (the tree of the last client's trace, from the tour's OTLP receiver); "stop" (stops
     # the service args[0], as `kill -TERM` would); "restart" (starts it again at its address);
     # "dashboard" (every panel of the step's Grafana dashboard, for the service args[0], as
-    # the entry's Prometheus answers it).
+    # the entry's Prometheus answers it); "manifests" (the step's Kubernetes manifests built
+    # and checked offline: tools/manifests.py).
     program: str = "client.py"
     env: tuple[tuple[str, str], ...] = ()  # environment variables set for this demo only
     # A client demo run again and again until the Greeter's log shows this text (30 s at
@@ -129,6 +130,18 @@ def restart(service: str) -> Demo:
 
 def dashboard(service: str) -> Demo:
     return Demo(args=(service,), program="dashboard")
+
+
+def manifests() -> Demo:
+    return Demo(args=(), program="manifests")
+
+
+def probe(service: str = "greeter") -> Demo:
+    """The plaintext probe port's health check (step 20 on), as the kubelet asks it."""
+    return Demo(
+        args=("-plaintext", f"{{probes:{service}}}", "grpc.health.v1.Health/Check"),
+        program="grpcurl",
+    )
 
 
 def promql(query: str) -> Demo:
@@ -460,6 +473,18 @@ TOUR: dict[int, TourEntry] = {
             demo("hello", "--name", "Ada", "--user-id", "ada", target="{envoy}"),
         ),
     ),
+    20: TourEntry(
+        title="From a commit to a running, scalable deployment: CI/CD and Kubernetes",
+        adds="Kubernetes manifests (kustomize overlays) checked offline by kubectl, kubernetes-validate and checkov; a plaintext probe port serving health alone; a maximum connection age so clients find new replicas; a two-stage image and a CI/CD workflow",
+        shows="step-20_cicd_kubernetes: dev, prod: built, valid (kubernetes-validate), policies pass (checkov)",
+        broker=True,
+        server_env=(("GREETER_HEALTH_PORT", "0"),),
+        demos=(
+            demo("hello", "--name", "Ada", "--user-id", "ada"),
+            probe(),  # what Kubernetes' gRPC probe asks: plaintext, no token
+            manifests(),
+        ),
+    ),
 }
 
 BAR = "━" * 72
@@ -666,6 +691,8 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
             places["{logger}"] = services.targets["logger"]
         for name, process in services.processes.items():  # one replica: "{replica:greeter-2}"
             places[f"{{replica:{name}}}"] = process.address
+            if "probes" in process.addresses:  # its probe port (step 20 on): "{probes:greeter}"
+                places[f"{{probes:{name}}}"] = process.addresses["probes"]
         if entry.envoy:
             envoy = start_envoy(step, services, Path(workdir.name) / "certs")
             places["{envoy}"] = envoy.address
@@ -708,6 +735,14 @@ def run_entry(step: Step, entry: TourEntry) -> bool:
                 print(f"$ # the {d.program} {args[0]}s", flush=True)
                 getattr(kafka if d.program == "broker" else shared_limits, args[0])()
                 result = subprocess.CompletedProcess(args, 0, "", "")
+            elif d.program == "manifests":
+                print(f"$ python ../tools/manifests.py {step.label}", flush=True)
+                result = subprocess.run(
+                    [sys.executable, str(ROOT / "tools" / "manifests.py"), step.label],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
             elif d.program == "promql":
                 result = ask_prometheus(step, greeter.addresses["metrics"], args[0])
             elif d.program == "dashboard":
