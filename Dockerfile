@@ -1,7 +1,7 @@
 # One step of the tutorial as a container image: the step's servers on a slim Python, run as
 # a user without privileges, with a health check through the gRPC health service.
 #
-#   docker build --build-arg STEP=step-20_cicd_kubernetes -t grpc-mastery-greeter:step-20 .
+#   docker build --build-arg STEP=step-21_request_validation -t grpc-mastery-greeter:step-21 .
 #
 # Two stages (step 20's README, "The image"): `build` installs the services' packages into a
 # virtual env; the image copies that env alone onto a clean base, without pip's caches, the
@@ -22,7 +22,7 @@ RUN python -m venv /venv \
         --require-hashes --requirement /tmp/requirements-runtime.lock
 
 FROM ${PYTHON_IMAGE}
-ARG STEP=step-20_cicd_kubernetes
+ARG STEP=step-21_request_validation
 # Nothing is written at run time (Kubernetes mounts the root file system read-only): the
 # step's bytecode is compiled below, the packages' was at install.
 ENV PYTHONUNBUFFERED=1 \

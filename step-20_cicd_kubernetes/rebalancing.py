@@ -10,7 +10,7 @@ channel asks DNS again (gRFC A9).
 
 On the client, gRPC asks DNS at most once every 30 s by default, however often a
 connection ends: the channel options below lower that, so the new replica's address arrives
-with the first reconnection after it appeared. Step 20's README, "How it scales".
+with the first reconnection after it appeared (step 20's README, "How it scales").
 """
 
 from keepalive import milliseconds

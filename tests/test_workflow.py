@@ -3,6 +3,7 @@ workflow"), checked without GitHub: its schema (check-jsonschema's copy of Schem
 actionlint, checkov's GitHub Actions policies; what each job runs; and the release job's
 script, run here, renders production manifests that name the image by digest."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,9 @@ def test_actionlint_passes_and_would_catch_a_job_that_needs_none(tmp_path):
     result = actionlint(WORKFLOW)
     assert result.returncode == 0, result.stdout + result.stderr
     broken = tmp_path / "ci.yml"
-    broken.write_text(WORKFLOW.read_text().replace("needs: [images]", "needs: [image]"))
+    broken.write_text(
+        WORKFLOW.read_text().replace("needs: [steps, images]", "needs: [steps, image]")
+    )
     assert 'needs job "image" which does not exist' in actionlint(broken).stdout
 
 
@@ -108,6 +111,7 @@ def test_the_release_job_renders_production_manifests_with_the_image_by_digest(
     (tmp_path / ".venv" / "bin").symlink_to(KUBECTL.parent)
     result = subprocess.run(
         ["bash", "-e", "-c", release_script],
+        env={**os.environ, "NEWEST": step.name},  # the `steps` job's output
         cwd=tmp_path,
         capture_output=True,
         text=True,

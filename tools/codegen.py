@@ -46,6 +46,13 @@ def protos_of(step_dir: Path) -> list[Path]:
     return sorted((step_dir / "protos").rglob("*.proto"))
 
 
+def vendored_to_generate(step_dir: Path) -> list[str]:
+    """The vendored protos generated with the step's own (third_party/buf/validate, step 21
+    on: the rules' definitions), relative to third_party/."""
+    root = step_dir / "third_party"
+    return sorted(str(p.relative_to(root)) for p in (root / "buf").rglob("*.proto"))
+
+
 def maps_to_http(step_dir: Path) -> bool:
     return any(HTTP_MAPPING_IMPORT in p.read_text() for p in protos_of(step_dir))
 
@@ -58,6 +65,13 @@ def protoc(step_dir: Path, *args: str) -> None:
         "grpc_tools.protoc",
         f"--proto_path={step_dir / 'protos'}",
         f"--proto_path={GOOGLEAPIS_PROTOS}",
+        # What the step vendors (third_party/): google/api (also installed, identical) and,
+        # step 21 on, buf/validate, which no installed package ships.
+        *(
+            [f"--proto_path={step_dir / 'third_party'}"]
+            if (step_dir / "third_party").exists()
+            else []
+        ),
         *args,
     ]
     result = subprocess.run(command, capture_output=True, text=True)
@@ -79,6 +93,7 @@ def generate(step_dir: Path, out_dir: Path) -> None:
         f"--plugin=protoc-gen-mypy_grpc={Path(sys.executable).with_name('protoc-gen-mypy_grpc')}",
         f"--mypy_grpc_out={out_dir}",
         *protos,
+        *vendored_to_generate(step_dir),
     )
     if maps_to_http(step_dir):
         (out_dir / DESCRIPTOR_SET).parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,9 @@ PURPOSE = {
     "deploy/k8s/network-policies.yaml": "Kubernetes: who may connect to whom",
     "overlays/dev/kustomization.yaml": "Kubernetes: a cluster of your own (`kubectl apply -k`)",
     "overlays/prod/kustomization.yaml": "Kubernetes: production: the registry's image, more replicas",
+    "validation.py": "request validation: the protos' rules checked by one interceptor",
+    "protos/names/v1/names.proto": "the rules of a name, declared once (protovalidate predefined rules)",
+    "third_party/buf/validate/validate.proto": "`buf.validate`, the rules' definitions (protovalidate v1.2.0)",
     "tests/conftest.py": "the tests' fixtures: servers, channels, stand-in services",
     "tests/helpers.py": "what the tests call besides fixtures",
 }

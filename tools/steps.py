@@ -29,6 +29,7 @@ STEP_NAMES = [
     "step-18_rate_limiting",
     "step-19_rest_gateway",
     "step-20_cicd_kubernetes",
+    "step-21_request_validation",
 ]
 
 

@@ -162,13 +162,17 @@ def curl(path: str, data: str, *, token: bool = True, fails: bool = False) -> De
 
 
 def grpcurl(
-    *args: str, data: str | None = None, server: str = "{target}", headers: tuple[str, ...] = ()
+    *args: str,
+    data: str | None = None,
+    server: str = "{target}",
+    headers: tuple[str, ...] = (),
+    fails: bool = False,
 ) -> Demo:
     """`grpcurl [-H header ...] [-d data] SERVER args...`, trusting the tour's CA."""
     flags = ("-cacert", "{certs}/ca.crt", *(("-d", data) if data else ()))
     for header in headers:
         flags += ("-H", header)
-    return Demo(args=(*flags, server, *args), program="grpcurl")
+    return Demo(args=(*flags, server, *args), program="grpcurl", fails=fails)
 
 
 TOUR: dict[int, TourEntry] = {
@@ -483,6 +487,22 @@ TOUR: dict[int, TourEntry] = {
             demo("hello", "--name", "Ada", "--user-id", "ada"),
             probe(),  # what Kubernetes' gRPC probe asks: plaintext, no token
             manifests(),
+        ),
+    ),
+    21: TourEntry(
+        title="Request validation declared in the protos",
+        adds="buf.validate rules on every request field (predefined rules for names, CEL across fields), checked by one interceptor with protovalidate before any handler; INVALID_ARGUMENT with a google.rpc.BadRequest listing each field",
+        shows="  count: must be between 1 and 10 (got 11); 0 or unset means 5",
+        broker=True,
+        demos=(
+            demo("hello", "--name", "Ada", "--user-id", "ada"),
+            demo("stream", "--name", "", "--count", "11", "--user-id", "ada", fails=True),
+            grpcurl(
+                "greeter.v1.Greeter/SayHello",
+                data='{"name": "Ada\\nLovelace"}',
+                headers=("authorization: Bearer $GREETER_AUTH_TOKEN", "x-user-id: ada"),
+                fails=True,
+            ),
         ),
     ),
 }
