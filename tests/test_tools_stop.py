@@ -395,3 +395,20 @@ def test_a_stop_signal_that_lands_on_another_thread_still_stops_the_tool(command
         assert tool.wait(30) == 0
     finally:
         stop_group(tool)
+
+
+@pytest.mark.parametrize("stop", STOPS, ids=[s.name for s in STOPS])
+def test_the_manifests_tool_stops_the_checker_it_runs(stop):
+    """Stopped while kubectl, kubernetes-validate or checkov runs: nothing of it stays."""
+    process = subprocess.Popen(
+        [sys.executable, "tools/manifests.py", "20"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: len(family(process.pid)) > 1, message="a checker running")
+        assert_stops_everything(process, stop, 130)
+    finally:
+        stop_group(process)

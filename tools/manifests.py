@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script, too
+from tools.processes import run_tool
 from tools.steps import ROOT, Step, all_steps, select_steps
 
 BIN = Path(sys.executable).parent
@@ -121,4 +122,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Ctrl-C, kill or a closed terminal stop kubectl or checkov with it (subprocess.run
+    # kills its child when KeyboardInterrupt interrupts the wait).
+    sys.exit(run_tool(main, sys.argv[1:], stopped=130))
